@@ -911,6 +911,14 @@ def save_fig(fig, name: str) -> Path:
     return path
 
 
+def save_json(obj, name: str) -> Path:
+    """Write measured results as figures_dir()/name.json (beside the figures they explain)."""
+    path = figures_dir() / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
 def checkpoint_path(name: str) -> Path:
     """data/checkpoints/name.pt, or name-fast.pt in FAST mode (so a smoke run keeps real ones)."""
     return REPO_ROOT / "data" / "checkpoints" / f"{name}{'-fast' if fast_mode() else ''}.pt"

@@ -1,0 +1,71 @@
+"""Every notebook runs top to bottom in FAST mode (tiny data, two epochs), for real.
+
+Order: 04 first with no checkpoint (it must train what it needs), then 01 to 04 as a reader
+would, so 04 also runs a second time and loads the checkpoint notebook 03 wrote.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import run_notebooks  # noqa: E402
+
+import pvae_utils as pvae  # noqa: E402
+
+FIGURES = {
+    "01_data_prep.ipynb": ["mnist_samples", "mnist_class_balance"],
+    "02_model.ipynb": ["subresolution"],
+    "03_training.ipynb": ["mnist_loss_curves", "mnist_reconstructions"],
+    "04_interpretability.ipynb": ["mnist_traversals", "mnist_latent_correlation", "mnist_tsne",
+                                  "mnist_tsne_per_partition"],
+}
+
+
+def stdout_of(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.get("name") == "stdout")
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PVAE_FAST", "1")
+    yield
+    mp.undo()
+
+
+def test_committed_notebooks_carry_no_outputs():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), path.name
+        assert "colab.research.google.com" in nb["cells"][0]["source"][0] + "".join(
+            nb["cells"][0]["source"]), f"{path.name}: no Open in Colab badge"
+
+
+def test_notebook_04_opened_first_trains_what_it_needs(fast):
+    checkpoint = pvae.checkpoint_path("mnist")
+    assert checkpoint.name == "mnist-fast.pt"  # FAST never touches the full run's checkpoint
+    checkpoint.unlink(missing_ok=True)
+    out = stdout_of(run_notebooks.execute(ROOT / "notebooks" / "04_interpretability.ipynb"))
+    assert "No checkpoint" in out and "training 2 epochs" in out
+    assert checkpoint.is_file()
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_notebook_runs_top_to_bottom_and_saves_its_figures(fast, name):
+    figures = pvae.figures_dir()
+    assert figures.name == "fast"  # FAST never overwrites the committed figures
+    for fig in FIGURES[name]:
+        (figures / f"{fig}.png").unlink(missing_ok=True)
+    out = stdout_of(run_notebooks.execute(ROOT / "notebooks" / name))
+    assert "FAST mode" in out
+    for fig in FIGURES[name]:
+        assert (figures / f"{fig}.png").stat().st_size > 5000, fig  # a real picture, not a blank
+    if name == "03_training.ipynb":
+        results = json.loads((figures / "mnist_results.json").read_text())
+        assert 0 < results["mnist"]["test_mse"] < 0.2 and 0 < results["pca_10_mse"] < 0.1
+    if name == "04_interpretability.ipynb":
+        assert "Loaded" in out  # the checkpoint notebook 03 just wrote
