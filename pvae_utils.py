@@ -63,13 +63,13 @@ class PVAEConfig:
     decoder_channels: int = 32            # channels of the (H/f, W/f) image the Linear layers make
     decoder_convs: tuple = ((3, 32), (3, 32))  # (kernel, channels), size-preserving, + ReLU
     subres_factor: int = 2                # f: the decoder outputs (H/f, W/f), then upsamples
-    upsample_mode: str = "nearest-exact"  # one of UPSAMPLE_MODES
+    upsample_mode: str = "bilinear"       # one of UPSAMPLE_MODES
     recon_weight: float = 1.0
     kl_weight: float = 0.1
     noise_std: float = 0.01               # training-input noise, clamped to [0, 1]
     logvar_limit: float = 10.0            # log-variance soft-clamped to (-limit, limit)
     lr: float = 1e-3                      # Adam learning rate
-    batch_size: int = 64
+    batch_size: int = 32
     epochs: int = 25
 
     def __post_init__(self):
@@ -171,12 +171,13 @@ def _validate_config(c: PVAEConfig):
 
 
 PRESETS = {
-    # Our default: the report's MNIST setting with Adam lr 1e-3 instead of 2.5e-4, measured to
-    # reach a lower held-out error in the same 25 epochs (README, "Measured results").
+    # Our default: the report's MNIST setting with Adam lr 1e-3 (not 2.5e-4), batch 32 (not 64)
+    # and bilinear upsampling (not nearest-exact), each measured to lower the held-out error in
+    # the same 25 epochs (README, "Measured results").
     "mnist": PVAEConfig(),
     # The report's MNIST run: latent 10 = 4+3+3, f=2, nearest-exact, 25 epochs, Adam lr 2.5e-4,
     # batch 64, KL weight 0.1 against the per-image summed squared error, input noise 0.01.
-    "mnist_report": PVAEConfig(lr=2.5e-4),
+    "mnist_report": PVAEConfig(lr=2.5e-4, batch_size=64, upsample_mode="nearest-exact"),
 }
 
 
@@ -818,7 +819,7 @@ def plot_traversals(images: torch.Tensor, scales, partitions, ax=None):
     p, s, _, h, w = images.shape
     ax = _axes(ax, (1 + 0.9 * s, 0.4 + 0.9 * p))
     ax.imshow(_mosaic(images), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([2 + j * (w + 2) + w / 2 for j in range(s)], [f"x{v:g}" for v in scales])
+    ax.set_xticks([2 + j * (w + 2) + w / 2 for j in range(s)], [f"×{v:g}" for v in scales])
     ax.set_yticks([2 + i * (h + 2) + h / 2 for i in range(p)],
                   [f"partition {i} ({n})" for i, n in enumerate(partitions)])
     ax.set_xlabel("scale applied to that partition's latent means")
