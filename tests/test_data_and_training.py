@@ -36,7 +36,7 @@ def test_offline_load_gives_mlxtends_real_digits_split_4500_500(mnist, capsys):
 
 def test_finding_no_network_takes_seconds():
     start = time.perf_counter()
-    pvae.network_available(("unreachable.invalid", 443), timeout=2.0)
+    assert pvae.network_available(("unreachable.invalid", 443), timeout=2.0) is False
     assert time.perf_counter() - start < 5.0
 
 
@@ -60,6 +60,48 @@ def test_bad_training_data_is_rejected_before_any_work(tiny_config, images, make
     with pytest.raises(ValueError, match=f"train_data: .*{words}"):
         pvae.train(model, make(), images(tiny_config), device="cpu", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_float64_data_trains_in_the_models_dtype(tiny_config, images):
+    model = pvae.PartitionVAE(tiny_config)
+    history = pvae.train(model, images(tiny_config, 8).double(), images(tiny_config, 4).double(),
+                         epochs=1, device="cpu", progress=False)
+    assert np.isfinite(history["test_loss"][0])
+
+
+def test_load_or_train_trains_once_then_loads(tiny_config, images, tmp_path, capsys):
+    data = pvae.ImageData(images(tiny_config, 16), torch.zeros(16), images(tiny_config, 4, seed=1),
+                          torch.zeros(4))
+    path = tmp_path / "run.pt"
+    model, history = pvae.load_or_train(path, tiny_config, data, device="cpu")
+    assert "No checkpoint" in capsys.readouterr().out and history["epoch"] == [1, 2]
+    again, same = pvae.load_or_train(path, tiny_config, data, device="cpu")
+    assert "Loaded" in capsys.readouterr().out and same == history
+    x = images(tiny_config)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_load_or_train_refuses_another_configuration_and_keeps_the_file(tiny_config, images,
+                                                                        tmp_path):
+    data = pvae.ImageData(images(tiny_config, 16), torch.zeros(16), images(tiny_config, 4),
+                          torch.zeros(4))
+    path = tmp_path / "run.pt"
+    pvae.load_or_train(path, tiny_config, data, device="cpu")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"another configuration.*'kl_weight': \(0.1, 0.5\)"):
+        pvae.load_or_train(path, tiny_config.replace(kl_weight=0.5), data, device="cpu")
+    assert path.read_bytes() == before
+
+
+def test_load_or_train_retrains_an_unfinished_run(tiny_config, images, tmp_path, capsys):
+    data = pvae.ImageData(images(tiny_config, 16), torch.zeros(16), images(tiny_config, 4),
+                          torch.zeros(4))
+    path = tmp_path / "run.pt"
+    pvae.train(pvae.PartitionVAE(tiny_config), data.x_train, data.x_test, epochs=1, device="cpu",
+               progress=False, checkpoint_path=path)
+    _, history = pvae.load_or_train(path, tiny_config, data, device="cpu")
+    assert "unfinished run (1 of 2 epochs)" in capsys.readouterr().out
+    assert history["epoch"] == [1, 2]
 
 
 def test_evaluate_covers_the_whole_set_weighted_by_batch_size(tiny_config, images):

@@ -2,14 +2,16 @@
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import pvae_utils as pvae
 
 CONFIGS = [
-    dict(),  # the MNIST default: 28x28, 4+3+3, f=2, nearest-exact
-    dict(image_size=(28, 28), subres_factor=4, upsample_mode="bilinear", partitions=(1,)),
+    dict(),  # the MNIST default: 28x28, 4+3+3, f=2, bilinear
+    dict(image_size=(28, 28), subres_factor=4, upsample_mode="nearest", partitions=(1,)),
+    dict(upsample_mode="nearest-exact", batch_size=64, lr=2.5e-4),  # the report's setting
     dict(image_size=(32, 48), in_channels=3, encoder=((5, 8), (3, 8), (3, 8)), subres_factor=8,
          partitions=(5, 5, 4, 3, 2, 1), decoder_convs=()),
     dict(image_size=(12, 20), encoder=(), subres_factor=1, head_hidden=(), decoder_linear=()),
@@ -122,11 +124,55 @@ def test_logvar_stays_in_its_documented_range(tiny_config):
     (torch.rand(2, 3, 16, 16), r"shape \(2, 3, 16, 16\); expected \(batch, 1, 16, 16\)"),
     (torch.rand(2, 1, 28, 28), r"shape \(2, 1, 28, 28\)"),
     (torch.rand(1, 16, 16), r"shape \(1, 16, 16\)"),
-    ((torch.rand(2, 1, 16, 16) * 255).to(torch.uint8), "dtype torch.uint8; expected float"),
+    ((torch.rand(2, 1, 16, 16) * 255).to(torch.uint8), "dtype torch.uint8; .*divide by 255"),
+    (torch.rand(2, 1, 16, 16).double(), "dtype torch.float64; expected torch.float32"),
 ])
 def test_wrong_input_raises_value_error_before_any_work(tiny_config, bad, words):
     with pytest.raises(ValueError, match=words):
         pvae.PartitionVAE(tiny_config)(bad)
+
+
+@pytest.mark.parametrize("z, words", [
+    (torch.zeros(2, 5), r"shape \(2, 5\)"),
+    (torch.zeros(2, 6, dtype=torch.float64), "dtype torch.float64"),
+    (np.zeros((2, 6), dtype=np.float32), "ndarray"),
+])
+def test_decode_checks_its_latent(tiny_config, z, words):
+    with pytest.raises(ValueError, match=f"z: got .*{words}"):
+        pvae.PartitionVAE(tiny_config).decode(z)
+
+
+def test_loss_checks_shapes(tiny_config, images):
+    x = images(tiny_config, n=2)
+    mu = torch.zeros(2, tiny_config.latent_dim)
+    with pytest.raises(ValueError, match="x_hat: got shape"):
+        pvae.pvae_loss(x, x[:, :, :8], mu, mu, tiny_config)
+    with pytest.raises(ValueError, match="mu, logvar: got shapes"):
+        pvae.pvae_loss(x, x, mu[:, :4], mu[:, :4], tiny_config)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m, x: pvae.partition_traversal(m, x[None], 0, [1.0]), "expected one image"),
+    (lambda m, x: pvae.partition_traversal(m, x, 3, [1.0]), "partition: got 3"),
+    (lambda m, x: pvae.partition_traversal(m, x, 0, []), "scales: got"),
+    (lambda m, x: pvae.decode_scaled(m, x, 2.0), "partition_scales: got 2.0"),
+    (lambda m, x: pvae.decode_scaled(m, x, [1, 1]), "one per partition"),
+    (lambda m, x: pvae.trace_shapes(m, x), "shape"),
+])
+def test_analysis_functions_check_their_arguments(tiny_config, images, call, words):
+    with pytest.raises(ValueError, match=words):
+        call(pvae.PartitionVAE(tiny_config), images(tiny_config, n=1)[0])
+
+
+def test_traversal_scales_only_one_partition(tiny_config, images):
+    model = pvae.PartitionVAE(tiny_config).eval()
+    x = images(tiny_config, n=1)[0]
+    grid = pvae.partition_traversal(model, x, 1, [0.0, 1.0, 2.0])
+    assert grid.shape == (3, 1, 16, 16)
+    torch.testing.assert_close(grid[1], pvae.reconstruct(model, x[None])[0])  # x1 = reconstruction
+    mu = model.encode(x[None])[0]
+    mu[:, model.partition_slices[1]] *= 2.0
+    torch.testing.assert_close(grid[2], model.decode(mu)[0])
 
 
 def test_parameter_counts_add_up(tiny_config):
