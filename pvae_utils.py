@@ -297,12 +297,12 @@ class PartitionVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, L) -> x_hat (B, C, H, W) in [0, 1], made at (H/f, W/f) and upsampled."""
         c = self.config
-        dtype = next(self.parameters()).dtype
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != c.latent_dim \
-                or z.dtype != dtype:
+                or not z.is_floating_point():
             got = f"shape {tuple(z.shape)}, dtype {z.dtype}" if isinstance(z, torch.Tensor) \
                 else type(z).__name__
-            raise ValueError(f"z: got {got}; expected a {dtype} tensor (batch, {c.latent_dim})")
+            raise ValueError(f"z: got {got}; expected a float tensor (batch, {c.latent_dim})")
+        z = z.to(next(self.parameters()).dtype)  # e.g. bfloat16 from autocast, float64 from NumPy
         small = self.decoder_conv(self.decoder_linear(z))        # (B, C, H/f, W/f)
         if c.subres_factor == 1:
             return small
@@ -327,6 +327,7 @@ def pvae_loss(x, x_hat, mu, logvar, config: PVAEConfig) -> dict:
     averaged over the batch), so the batch size does not change the balance of the terms.
 
     x, x_hat: (B, C, H, W);  mu, logvar: (B, L).
+    All sums are in float32, also under autocast.
     recon            = mean_b sum_pixels (x_hat - x)^2                       scalar
     kl_per_partition = mean_b sum_{j in partition} KL(N(mu_j, e^logvar_j) || N(0, 1))   (P,)
                        with KL = 1/2 (mu^2 + e^logvar - 1 - logvar)
@@ -339,6 +340,7 @@ def pvae_loss(x, x_hat, mu, logvar, config: PVAEConfig) -> dict:
     if mu.shape != logvar.shape or mu.shape != (len(x), config.latent_dim):
         raise ValueError(f"mu, logvar: got shapes {tuple(mu.shape)}, {tuple(logvar.shape)}; "
                          f"expected ({len(x)}, {config.latent_dim}) each")
+    x, x_hat, mu, logvar = x.float(), x_hat.float(), mu.float(), logvar.float()  # autocast-safe
     recon = (x_hat - x).pow(2).flatten(1).sum(1).mean()
     kl_units = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)                  # (B, L)
     kl_per_partition = torch.stack(
@@ -361,6 +363,17 @@ class ImageData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     source: str = field(default="")
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"ImageData.x_{split}: got {got}; expected a tensor (N, C, H, W)")
+            if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) != len(x):
+                got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"ImageData.y_{split}: got {got} for {len(x)} images; expected "
+                                 f"one label per image, shape ({len(x)},)")
 
     def subset(self, n_train: int, n_test: int) -> "ImageData":
         """The first n_train / n_test images (for FAST mode); the splits are already shuffled."""
@@ -525,23 +538,38 @@ def evaluate(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000) -> di
     return {k: (v / n).tolist() for k, v in totals.items()}
 
 
+HISTORY_KEYS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
+                "test_kl", "test_mse", "test_kl_per_partition", "seconds")
+
+
 def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor, *,
-          epochs: int | None = None, device=None, checkpoint_path=None, progress: bool = True) -> dict:
+          epochs: int | None = None, device=None, checkpoint_path=None, resume: bool = False,
+          progress: bool = True) -> dict:
     """Train with Adam (lr, batch size and epochs from model.config) and return the history.
 
     train_data, test_data: images (N, C, H, W) in [0, 1], validated before any work. Both live on
     the device; batches are drawn by indexing a random permutation. Training inputs get Gaussian
     noise (config.noise_std, clamped to [0, 1]); the loss compares with the clean image.
     After every epoch the whole test set is evaluated (decoding the mean) and, when
-    ``checkpoint_path`` is given, a checkpoint is written atomically.
+    ``checkpoint_path`` is given, a checkpoint is written atomically: weights, optimiser state,
+    history and random-number states.
+
+    ``epochs`` is the total to reach (default config.epochs). With ``resume=True`` training
+    continues from the checkpoint at ``checkpoint_path`` when there is one (same config
+    required), so an interrupted run ends exactly as an uninterrupted one would on the CPU.
+    A non-finite loss stops at once with FloatingPointError, before the update and before any
+    checkpoint is written, so the last good checkpoint stays as it was.
 
     Returns history: lists per epoch of train_loss/recon/kl (per image, noisy input, sampled z),
-    test_loss/recon/kl/mse, test_kl_per_partition and seconds.
+    test_loss/recon/kl/mse, test_kl_per_partition, and seconds (wall time, the one entry that
+    differs between runs).
     """
     cfg = model.config
     epochs = cfg.epochs if epochs is None else epochs
     if not (_is_int(epochs) and epochs >= 0):
         raise ValueError(f"train: epochs got {epochs!r}; expected a non-negative integer")
+    if resume and checkpoint_path is None:
+        raise ValueError("train: resume=True needs a checkpoint_path to resume from")
     check_images(train_data, cfg, "train_data")
     check_images(test_data, cfg, "test_data")
     device = torch.device(device) if device is not None else get_device()
@@ -549,52 +577,88 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     dtype = next(model.parameters()).dtype
     x_train, x_test = train_data.to(device, dtype), test_data.to(device, dtype)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    keys = ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
-            "test_mse", "test_kl_per_partition", "seconds")
-    history = {"epoch": [], **{k: [] for k in keys}}
+    history = {k: [] for k in HISTORY_KEYS}
+    if resume and _resolve(checkpoint_path).is_file():
+        history = _restore_training(checkpoint_path, model, opt)
+        print(f"Resuming {checkpoint_path} after epoch {len(history['epoch'])} of {epochs}.")
     n_batches = -(-len(x_train) // cfg.batch_size)
+    first = len(history["epoch"]) + 1
     from tqdm.auto import tqdm
-    bar = tqdm(total=epochs * n_batches, disable=not progress, unit="batch")
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for i, idx in enumerate(torch.randperm(len(x_train), device=device).split(cfg.batch_size)):
-            x = x_train[idx]                                             # (B, C, H, W) clean
-            noisy = (x + cfg.noise_std * torch.randn_like(x)).clamp(0, 1) if cfg.noise_std else x
-            x_hat, mu, logvar = model(noisy)
-            terms = pvae_loss(x, x_hat, mu, logvar, cfg)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            sums += torch.stack([terms[k].detach().double() for k in ("loss", "recon", "kl")]) * len(x)
-            bar.update()
-            if progress and (i % 20 == 0 or i == n_batches - 1):
-                bar.set_postfix(epoch=f"{epoch}/{epochs}", recon=f"{terms['recon'].item():.2f}",
-                                kl=f"{terms['kl'].item():.2f}", refresh=False)
-        train_terms = (sums / len(x_train)).tolist()
-        test_terms = evaluate(model, x_test)
-        history["epoch"].append(epoch)
-        for k, v in zip(("train_loss", "train_recon", "train_kl"), train_terms):
-            history[k].append(v)
-        for k in ("loss", "recon", "kl", "mse", "kl_per_partition"):
-            history[f"test_{k}"].append(test_terms[k])
-        history["seconds"].append(time.perf_counter() - start)
-        if progress:
-            bar.set_postfix(epoch=f"{epoch}/{epochs}", test_mse=f"{test_terms['mse']:.4f}",
-                            test_kl=f"{test_terms['kl']:.2f}")
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, model, history)
-    bar.close()
+    with tqdm(total=max(0, epochs - first + 1) * n_batches, disable=not progress, unit="batch") as bar:
+        for epoch in range(first, epochs + 1):
+            start = time.perf_counter()
+            train_terms = _train_epoch(model, opt, x_train, epoch, bar, progress)
+            test_terms = evaluate(model, x_test)
+            history["epoch"].append(epoch)
+            for k, v in zip(("train_loss", "train_recon", "train_kl"), train_terms):
+                history[k].append(v)
+            for k in ("loss", "recon", "kl", "mse", "kl_per_partition"):
+                history[f"test_{k}"].append(test_terms[k])
+            history["seconds"].append(time.perf_counter() - start)
+            if progress:
+                bar.set_postfix(epoch=f"{epoch}/{epochs}", test_mse=f"{test_terms['mse']:.4f}",
+                                test_kl=f"{test_terms['kl']:.2f}")
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, model, history, optimizer=opt)
     return history
+
+
+def _train_epoch(model: PartitionVAE, opt, x_train: torch.Tensor, epoch: int, bar, progress: bool) -> list:
+    """One pass over x_train (N, C, H, W) in random batches; returns the per-image mean
+    [loss, recon, kl]. Raises FloatingPointError on a non-finite loss, before the update."""
+    cfg = model.config
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=x_train.device)
+    batches = torch.randperm(len(x_train), device=x_train.device).split(cfg.batch_size)
+    for i, idx in enumerate(batches):
+        x = x_train[idx]                                                 # (B, C, H, W) clean
+        noisy = (x + cfg.noise_std * torch.randn_like(x)).clamp(0, 1) if cfg.noise_std else x
+        x_hat, mu, logvar = model(noisy)
+        terms = pvae_loss(x, x_hat, mu, logvar, cfg)
+        if not torch.isfinite(terms["loss"]):
+            # the KL first: a non-finite KL means the encoder blew up, and the recon follows
+            bad = next((k for k in ("kl", "recon") if not torch.isfinite(terms[k])), "loss")
+            raise FloatingPointError(
+                f"train: non-finite {bad} ({terms[bad].item()}) at epoch {epoch}, batch "
+                f"{i + 1} of {len(batches)}; stopped before updating the weights. The last "
+                "checkpoint, if any, is unchanged. Try a lower lr or check the data.")
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        sums += torch.stack([terms[k].detach().double() for k in ("loss", "recon", "kl")]) * len(x)
+        bar.update()
+        if progress and (i % 20 == 0 or i == len(batches) - 1):
+            bar.set_postfix(epoch=epoch, recon=f"{terms['recon'].item():.2f}",
+                            kl=f"{terms['kl'].item():.2f}", refresh=False)
+    return (sums / len(x_train)).tolist()
 
 
 # --------------------------------------------------------------------------------------------
 # 6. Checkpoints
 # --------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, model: PartitionVAE, history: dict | None = None) -> Path:
-    """Write weights, the config as JSON and the history to ``path``, atomically.
+def _rng_state() -> dict:
+    """Every random-number state training uses: torch (CPU and CUDA), NumPy and Python."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": json.dumps(random.getstate())}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, optimizer=None) -> Path:
+    """Write weights, the config as JSON, the history, the optimiser state (when given) and the
+    random-number states to ``path``, atomically (a crash mid-write leaves the old file).
 
     The file holds only tensors, strings, numbers, lists and dicts, so it loads with
     ``torch.load(weights_only=True)`` and executes no code. Relative paths are taken from the
@@ -604,18 +668,14 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None) -> P
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _save_atomic({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                   "config_json": json.dumps(model.config.to_dict()),
-                  "history_json": json.dumps(history or {}), "state_dict": state}, path)
+                  "history_json": json.dumps(history or {}), "state_dict": state,
+                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                  "rng": _rng_state()}, path)
     return path
 
 
-def load_checkpoint(path, device="cpu") -> tuple:
-    """Rebuild (model, history) from a file written by save_checkpoint, alone.
-
-    Loads with ``weights_only=True`` onto the CPU, then moves the model to ``device``. A missing
-    file raises FileNotFoundError; a file that is not a PVAE checkpoint (truncated, corrupt,
-    another format or version, or a whole pickled model) raises ValueError saying why. The file
-    is never modified. The model is returned in eval mode.
-    """
+def _read_checkpoint(path) -> dict:
+    """The validated contents of a checkpoint file (on the CPU), or a clear error."""
     path = _resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
@@ -636,17 +696,61 @@ def load_checkpoint(path, device="cpu") -> tuple:
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path} is not a PVAE checkpoint (no "
                          f"format={CHECKPOINT_FORMAT!r} entry); expected a file from save_checkpoint")
-    if blob.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"load_checkpoint: {path} has format version {blob.get('version')!r}; "
+    version = blob.get("version")
+    if version != CHECKPOINT_VERSION:
+        age = "an older" if _is_int(version) and version < CHECKPOINT_VERSION else "another"
+        raise ValueError(f"load_checkpoint: {path} has format version {version!r}, {age} format; "
                          f"this code reads version {CHECKPOINT_VERSION}")
+    missing = sorted({"config_json", "history_json", "state_dict", "rng"} - set(blob))
+    if missing:
+        raise ValueError(f"load_checkpoint: {path} is damaged: missing entries {missing}")
+    return blob
+
+
+def config_differences(a: PVAEConfig, b: PVAEConfig) -> dict:
+    """{field: (value in a, value in b)} for every field where two configs differ."""
+    da, db = a.to_dict(), b.to_dict()
+    return {k: (da[k], db[k]) for k in da if da[k] != db[k]}
+
+
+def load_checkpoint(path, device="cpu", model: PartitionVAE | None = None) -> tuple:
+    """(model, history) from a file written by save_checkpoint.
+
+    Without ``model`` the model is rebuilt from the file alone; with one, its config must equal
+    the file's (else ValueError naming the differing fields) and the weights are loaded into it.
+    Loads with ``weights_only=True``. A missing file raises FileNotFoundError; a file that is not
+    a PVAE checkpoint (truncated, corrupt, another format or version, a whole pickled model)
+    raises ValueError saying why. The file is never modified. The model is put in eval mode.
+    """
+    blob = _read_checkpoint(path)
     try:
-        model = PartitionVAE(PVAEConfig.from_dict(json.loads(blob["config_json"])))
-        model.load_state_dict(blob["state_dict"])
+        config = PVAEConfig.from_dict(json.loads(blob["config_json"]))
         history = json.loads(blob["history_json"])
-    except (KeyError, RuntimeError, json.JSONDecodeError) as err:
-        raise ValueError(f"load_checkpoint: {path} is damaged: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_checkpoint: {path} is damaged: {err}") from None
+    if model is None:
+        model = PartitionVAE(config)
+    elif model.config != config:
+        raise ValueError(f"load_checkpoint: {path} holds another configuration than the model "
+                         f"(field: (file, model)) {config_differences(config, model.config)}")
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"load_checkpoint: {path} is damaged: {str(err).splitlines()[0]}") from None
     return model.to(device).eval(), history
+
+
+def _restore_training(path, model: PartitionVAE, opt) -> dict:
+    """Load weights, optimiser state and random-number states from ``path`` into a training
+    run; returns the history so far."""
+    blob = _read_checkpoint(path)
+    _, history = load_checkpoint(path, device=next(model.parameters()).device, model=model)
+    if blob["optimizer"] is None:
+        raise ValueError(f"train: {path} holds no optimiser state (saved outside train); "
+                         "resume needs a checkpoint written by train")
+    opt.load_state_dict(blob["optimizer"])
+    _set_rng_state(blob["rng"])
+    return history
 
 
 def load_or_train(path, config: PVAEConfig, data: ImageData, device=None) -> tuple:
@@ -654,12 +758,11 @@ def load_or_train(path, config: PVAEConfig, data: ImageData, device=None) -> tup
     ``config``; else trained now with ``config`` on ``data`` and saved there. Says which.
 
     A checkpoint of another configuration raises ValueError naming the differing fields (it is
-    not overwritten); an unfinished one (fewer epochs than config.epochs) is retrained.
+    not overwritten); an unfinished one (fewer epochs than config.epochs) is resumed.
     """
     if _resolve(path).is_file():
         model, history = load_checkpoint(path, device=device or get_device())
-        saved, wanted = model.config.to_dict(), config.to_dict()
-        differ = {k: (saved[k], wanted[k]) for k in wanted if saved[k] != wanted[k]}
+        differ = config_differences(model.config, config)
         if differ:
             raise ValueError(f"load_or_train: {path} was trained with another configuration "
                              f"(field: (saved, requested)) {differ}; pass its config or move the file")
@@ -667,11 +770,12 @@ def load_or_train(path, config: PVAEConfig, data: ImageData, device=None) -> tup
         if done == config.epochs:
             print(f"Loaded {path} ({done} epochs trained).")
             return model, history
-        print(f"{path} holds an unfinished run ({done} of {config.epochs} epochs): training again.")
+        print(f"{path} holds an unfinished run ({done} of {config.epochs} epochs): resuming.")
     else:
         print(f"No checkpoint at {path}: training {config.epochs} epochs now.")
     model = PartitionVAE(config)
-    history = train(model, data.x_train, data.x_test, device=device, checkpoint_path=path)
+    history = train(model, data.x_train, data.x_test, device=device, checkpoint_path=path,
+                    resume=True)
     return model.eval(), history
 
 
@@ -987,9 +1091,11 @@ def save_json(obj, name: str) -> Path:
     return path
 
 
-def checkpoint_path(name: str) -> Path:
-    """data/checkpoints/name.pt, or name-fast.pt in FAST mode (so a smoke run keeps real ones)."""
-    return REPO_ROOT / "data" / "checkpoints" / f"{name}{'-fast' if fast_mode() else ''}.pt"
+def checkpoint_path(name: str, root=None) -> Path:
+    """root/name.pt, or name-fast.pt in FAST mode (so a smoke run keeps the real ones). ``root``
+    defaults to data/checkpoints/ in the repository (the notebooks can point it at Google Drive)."""
+    root = REPO_ROOT / "data" / "checkpoints" if root is None else Path(root)
+    return root / f"{name}{'-fast' if fast_mode() else ''}.pt"
 
 
 def print_environment() -> torch.device:

@@ -100,7 +100,7 @@ def test_training_writes_a_checkpoint_every_epoch(tiny_config, images, tmp_path,
     saved = []
     real_save = pvae.save_checkpoint
     monkeypatch.setattr(pvae, "save_checkpoint",
-                        lambda path, m, h: saved.append(list(h["epoch"])) or real_save(path, m, h))
+                        lambda path, m, h, **kw: saved.append(list(h["epoch"])) or real_save(path, m, h, **kw))
     history = pvae.train(model, images(tiny_config, 16), images(tiny_config, 4, seed=1),
                          device="cpu", progress=False, checkpoint_path=tmp_path / "run.pt")
     assert saved == [[1], [1, 2]]

@@ -93,14 +93,15 @@ def test_load_or_train_refuses_another_configuration_and_keeps_the_file(tiny_con
     assert path.read_bytes() == before
 
 
-def test_load_or_train_retrains_an_unfinished_run(tiny_config, images, tmp_path, capsys):
+def test_load_or_train_resumes_an_unfinished_run(tiny_config, images, tmp_path, capsys):
     data = pvae.ImageData(images(tiny_config, 16), torch.zeros(16), images(tiny_config, 4),
                           torch.zeros(4))
     path = tmp_path / "run.pt"
     pvae.train(pvae.PartitionVAE(tiny_config), data.x_train, data.x_test, epochs=1, device="cpu",
                progress=False, checkpoint_path=path)
     _, history = pvae.load_or_train(path, tiny_config, data, device="cpu")
-    assert "unfinished run (1 of 2 epochs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unfinished run (1 of 2 epochs): resuming" in out and "after epoch 1 of 2" in out
     assert history["epoch"] == [1, 2]
 
 

@@ -134,12 +134,18 @@ def test_wrong_input_raises_value_error_before_any_work(tiny_config, bad, words)
 
 @pytest.mark.parametrize("z, words", [
     (torch.zeros(2, 5), r"shape \(2, 5\)"),
-    (torch.zeros(2, 6, dtype=torch.float64), "dtype torch.float64"),
+    (torch.zeros(2, 6, dtype=torch.int64), "dtype torch.int64"),
     (np.zeros((2, 6), dtype=np.float32), "ndarray"),
 ])
 def test_decode_checks_its_latent(tiny_config, z, words):
     with pytest.raises(ValueError, match=f"z: got .*{words}"):
         pvae.PartitionVAE(tiny_config).decode(z)
+
+
+def test_decode_takes_float64_latents(tiny_config):
+    model = pvae.PartitionVAE(tiny_config)
+    z = torch.randn(2, 6)
+    torch.testing.assert_close(model.decode(z.double()), model.decode(z))
 
 
 def test_loss_checks_shapes(tiny_config, images):

@@ -70,3 +70,25 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(fast, name):
         assert 0 < results["mnist"]["test_mse"] < 0.2 and 0 < results["pca_mse"] < 0.1
     if name == "04_interpretability.ipynb":  # a finished FAST checkpoint exists by now
         assert "Loaded" in out or "No checkpoint" in out
+
+
+@pytest.mark.parametrize("name", ["01_data_prep.ipynb", "04_interpretability.ipynb"])
+def test_running_a_notebook_twice_in_one_kernel_gives_the_same_figures(fast, name):
+    """No hidden state between cells: a second Run All in the same kernel saves identical PNGs."""
+    import hashlib
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = ROOT / "notebooks" / name
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}})
+    digests = []
+    with client.setup_kernel():
+        for _ in range(2):
+            for index, cell in enumerate(nb.cells):
+                client.execute_cell(cell, index)
+            digests.append({fig: hashlib.sha256((pvae.figures_dir() / f"{fig}.png").read_bytes())
+                            .hexdigest() for fig in FIGURES[name]})
+    assert digests[0] == digests[1]

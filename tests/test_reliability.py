@@ -1,0 +1,185 @@
+"""Reliability: interrupted runs resume exactly, NaNs stop training, random configurations."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pvae_utils as pvae
+
+ALL_BUT_TIME = [k for k in pvae.HISTORY_KEYS if k != "seconds"]
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(tiny_config, images,
+                                                                           tmp_path):
+    cfg = tiny_config.replace(epochs=3)
+    x_train, x_test = images(cfg, 24), images(cfg, 6, seed=1)
+
+    pvae.set_seed(7)
+    straight = pvae.PartitionVAE(cfg)
+    full = pvae.train(straight, x_train, x_test, device="cpu", progress=False,
+                      checkpoint_path=tmp_path / "straight.pt")
+
+    pvae.set_seed(7)
+    first = pvae.PartitionVAE(cfg)
+    pvae.train(first, x_train, x_test, epochs=1, device="cpu", progress=False,
+               checkpoint_path=tmp_path / "run.pt")          # "the runtime disconnects" here
+    pvae.set_seed(12345)                                      # a new session: other random state
+    resumed_model = pvae.PartitionVAE(cfg)
+    resumed = pvae.train(resumed_model, x_train, x_test, device="cpu", progress=False,
+                         checkpoint_path=tmp_path / "run.pt", resume=True)
+
+    assert {k: resumed[k] for k in ALL_BUT_TIME} == {k: full[k] for k in ALL_BUT_TIME}
+    a, b = weights(straight), weights(resumed_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_config, images, tmp_path):
+    path = tmp_path / "run.pt"
+    pvae.train(pvae.PartitionVAE(tiny_config), images(tiny_config, 8), images(tiny_config, 4),
+               epochs=1, device="cpu", progress=False, checkpoint_path=path)
+    before = path.read_bytes()
+    other = pvae.PartitionVAE(tiny_config.replace(partitions=(3, 3), lr=0.01))
+    with pytest.raises(ValueError, match=r"another configuration.*'partitions'.*'lr'"):
+        pvae.train(other, images(tiny_config, 8), images(tiny_config, 4), device="cpu",
+                   progress=False, checkpoint_path=path, resume=True)
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint_path"):
+        pvae.train(other, images(tiny_config, 8), images(tiny_config, 4), resume=True)
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tiny_config, images,
+                                                                             tmp_path):
+    path = tmp_path / "run.pt"
+    model = pvae.PartitionVAE(tiny_config)
+    pvae.train(model, images(tiny_config, 16), images(tiny_config, 4), epochs=1, device="cpu",
+               progress=False, checkpoint_path=path)
+    before = path.read_bytes()
+    with torch.no_grad():  # a weight blows up, as with a far too large learning rate
+        model.decoder_conv[-2].weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"non-finite recon \(nan\) at epoch 1, batch 1 of 2"):
+        pvae.train(model, images(tiny_config, 16), images(tiny_config, 4), device="cpu",
+                   progress=False, checkpoint_path=path)
+    assert path.read_bytes() == before
+
+
+def test_a_non_finite_kl_is_named(tiny_config, images):
+    model = pvae.PartitionVAE(tiny_config)
+    with torch.no_grad():
+        model.mu_heads[1][-1].bias.fill_(float("nan"))
+    before = weights(model)
+    with pytest.raises(FloatingPointError, match=r"non-finite kl \(nan\) at epoch 1, batch 1"):
+        pvae.train(model, images(tiny_config, 16), images(tiny_config, 4), device="cpu",
+                   progress=False)
+    after = weights(model)  # no update happened: no NaN spread into the other weights
+    assert all(torch.equal(before[k], after[k]) or not torch.isfinite(before[k]).all() for k in before)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_extreme_inputs_and_weights_give_finite_loss_and_gradients(tiny_config, autocast):
+    model = pvae.PartitionVAE(tiny_config.replace(logvar_limit=10.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(50.0)  # extreme initial weights
+    x = torch.ones(4, 1, 16, 16)  # saturated input
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x_hat, mu, logvar = model(x)
+        terms = pvae.pvae_loss(x, x_hat, mu, logvar, model.config)
+    assert terms["kl"].dtype == torch.float32  # sums stay in float32 under autocast
+    assert logvar.abs().max() <= 10.0
+    terms["loss"].backward()
+    assert math.isfinite(terms["loss"].item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_image_data_checks_labels_against_images():
+    x = torch.rand(5, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"ImageData.y_test: got shape \(4,\) for 5 images"):
+        pvae.ImageData(x, torch.zeros(5), x, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"ImageData.x_train: got shape \(5, 64\)"):
+        pvae.ImageData(x.flatten(1), torch.zeros(5), x, torch.zeros(5))
+
+
+def test_older_format_version_and_existing_model_of_another_config(tiny_config, tmp_path):
+    path = pvae.save_checkpoint(tmp_path / "run.pt", pvae.PartitionVAE(tiny_config))
+    torch.save({**torch.load(path, weights_only=True), "version": 0}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="version 0, an older format; this code reads version 1"):
+        pvae.load_checkpoint(tmp_path / "old.pt")
+    other = pvae.PartitionVAE(tiny_config.replace(decoder_channels=6, subres_factor=4))
+    with pytest.raises(ValueError, match=r"another configuration.*'decoder_channels': \(4, 6\)"
+                                         r".*'subres_factor': \(2, 4\)"):
+        pvae.load_checkpoint(path, model=other)
+    same = pvae.PartitionVAE(tiny_config)
+    assert pvae.load_checkpoint(path, model=same)[0] is same
+
+
+# --- property-based: random valid configurations work, random invalid ones say why ------------
+
+@st.composite
+def valid_configs(draw):
+    encoder = tuple(draw(st.lists(st.tuples(st.sampled_from([1, 3, 5]), st.integers(1, 6)),
+                                  max_size=3)))
+    f = draw(st.sampled_from([1, 2, 4]))
+    smallest = max(2 ** len(encoder), f)
+    sizes = st.integers(1, 12).map(lambda k: f * k).filter(lambda s: s >= smallest)
+    return pvae.PVAEConfig(
+        image_size=(draw(sizes), draw(sizes)), in_channels=draw(st.integers(1, 3)),
+        encoder=encoder, partitions=tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))),
+        head_hidden=tuple(draw(st.lists(st.integers(1, 8), max_size=2))),
+        decoder_linear=tuple(draw(st.lists(st.integers(1, 16), max_size=2))),
+        decoder_channels=draw(st.integers(1, 4)),
+        decoder_convs=tuple(draw(st.lists(st.tuples(st.sampled_from([1, 3]), st.integers(1, 4)),
+                                          max_size=2))),
+        subres_factor=f, upsample_mode=draw(st.sampled_from(pvae.UPSAMPLE_MODES)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(config=valid_configs(), batch=st.integers(1, 3))
+def test_random_valid_configurations_give_right_shapes_and_finite_loss(config, batch):
+    model = pvae.PartitionVAE(config)
+    x = torch.rand(batch, config.in_channels, *config.image_size)
+    x_hat, mu, logvar = model(x)
+    assert x_hat.shape == x.shape and mu.shape == (batch, config.latent_dim)
+    assert math.isfinite(pvae.pvae_loss(x, x_hat, mu, logvar, config)["loss"].item())
+    assert pvae.PVAEConfig.from_dict(config.to_dict()) == config
+
+
+BAD_VALUES = {
+    "image_size": [(0, 8), (8,), 8, (8.0, 8), "28x28", (-8, 8)],
+    "in_channels": [0, -1, 1.5, True, None],
+    "encoder": [((2, 4),), ((3, 0),), ((3,),), (3, 4), "conv"],
+    "partitions": [(), (0,), (3, -1), (2.5,), None, 10],
+    "head_hidden": [(0,), (-4,), (1.5,), 8],
+    "decoder_linear": [(0,), (2.0,), "wide"],
+    "decoder_channels": [0, 2.5, None],
+    "decoder_convs": [((4, 4),), ((3, -1),)],
+    "subres_factor": [0, -2, 1.5, None],  # (a non-divisor: tests/test_config.py)
+    "upsample_mode": ["cubic", "", None, 2],
+    "recon_weight": [0, -1, float("nan"), float("inf"), "1"],
+    "kl_weight": [-0.1, float("nan"), None],
+    "noise_std": [-0.01, float("inf")],
+    "logvar_limit": [0, -5, float("nan")],
+    "lr": [0, -1e-3, float("nan")],
+    "batch_size": [0, -1, 2.0, False],
+    "epochs": [-1, 1.5, True],
+}
+
+
+@settings(max_examples=80, deadline=None)
+@given(config=valid_configs(), data=st.data())
+def test_random_invalid_configurations_raise_value_error_naming_the_field(config, data):
+    field = data.draw(st.sampled_from(sorted(BAD_VALUES)))
+    value = data.draw(st.sampled_from(BAD_VALUES[field]))
+    with pytest.raises(ValueError) as err:
+        pvae.PVAEConfig(**{**config.to_dict(), field: value})
+    text = str(err.value)
+    assert "got" in text and "expected" in text
+    # the field named is the bad one, or (for sizes) the one it conflicts with
+    assert f"PVAEConfig.{field}" in text or (
+        field in ("image_size", "subres_factor", "encoder")
+        and ("PVAEConfig.image_size" in text or "PVAEConfig.subres_factor" in text))
