@@ -473,6 +473,55 @@ def load_mnist(root="data", verbose: bool = True) -> ImageData:
     return ImageData(x_tr.float() / 255, y_tr.long(), x_te.float() / 255, y_te.long(), source)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def load_image_folder(path, size: tuple, *, grayscale: bool = False, test_fraction: float = 0.1,
+                      seed: int = 0) -> ImageData:
+    """Every image file in the folder ``path`` (sorted, not recursive), resized to ``size`` =
+    (H, W), as ImageData with x (N, C, H, W) float32 in [0, 1] (C = 1 if grayscale else 3),
+    shuffled with ``seed`` and split (1 - test_fraction) / test_fraction. There are no labels:
+    y is -1 everywhere.
+
+    A missing folder or one without images raises ValueError before any work; a file that
+    cannot be read as an image is skipped with a warning naming it.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"load_image_folder: path got {str(folder)!r}, which is not a folder; "
+                         "expected a folder of image files")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"load_image_folder: {folder} holds no image files; expected files "
+                         f"ending in {IMAGE_SUFFIXES}")
+    if not (len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
+        raise ValueError(f"load_image_folder: size got {size!r}; expected (height, width)")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"load_image_folder: test_fraction got {test_fraction!r}; expected a "
+                         "number between 0 and 1")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img = img.convert("L" if grayscale else "RGB").resize(size[::-1], Image.BILINEAR)
+                images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
+        except (UnidentifiedImageError, OSError) as err:
+            warnings.warn(f"load_image_folder: skipped {f.name}: not a readable image ({err})")
+    if len(images) < 2:
+        raise ValueError(f"load_image_folder: {folder} holds {len(images)} readable image(s); "
+                         "expected at least 2 (one to train on, one to test)")
+    x = torch.stack(images).float() / 255
+    x = x.unsqueeze(1) if grayscale else x.permute(0, 3, 1, 2)          # (N, C, H, W)
+    x = x[torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))]
+    n_test = min(len(x) - 1, max(1, round(test_fraction * len(x))))
+    y = torch.full((len(x),), -1, dtype=torch.long)
+    return ImageData(x[n_test:], y[n_test:], x[:n_test], y[:n_test],
+                     f"{len(x)} images from {folder}, split {len(x) - n_test} / {n_test}")
+
+
 def check_images(x, config: PVAEConfig, name: str) -> torch.Tensor:
     """Validate a whole image set before any work: non-empty float (N, C, H, W), finite, in [0, 1]."""
     expected = (config.in_channels, *config.image_size)

@@ -1,6 +1,8 @@
 """Reliability: interrupted runs resume exactly, NaNs stop training, random configurations."""
+import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -183,3 +185,44 @@ def test_random_invalid_configurations_raise_value_error_naming_the_field(config
     assert f"PVAEConfig.{field}" in text or (
         field in ("image_size", "subres_factor", "encoder")
         and ("PVAEConfig.image_size" in text or "PVAEConfig.subres_factor" in text))
+
+
+# --- image folders: a user's download, with the usual faults ---------------------------------
+
+def write_pngs(folder, n, size=(20, 30)):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+
+
+def test_image_folder_loads_resizes_and_splits(tmp_path):
+    write_pngs(tmp_path / "tt", 10)
+    data = pvae.load_image_folder(tmp_path / "tt", (16, 24))
+    assert data.x_train.shape == (9, 3, 16, 24) and data.x_test.shape == (1, 3, 16, 24)
+    assert 0 <= data.x_train.min() and data.x_train.max() <= 1 and (data.y_train == -1).all()
+    grey = pvae.load_image_folder(tmp_path / "tt", (8, 8), grayscale=True, test_fraction=0.3)
+    assert grey.x_train.shape == (7, 1, 8, 8) and grey.x_test.shape == (3, 1, 8, 8)
+
+
+def test_image_folder_skips_a_corrupt_file_naming_it(tmp_path):
+    write_pngs(tmp_path / "tt", 4)
+    (tmp_path / "tt" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.warns(UserWarning, match="skipped broken.png"):
+        data = pvae.load_image_folder(tmp_path / "tt", (8, 8))
+    assert len(data.x_train) + len(data.x_test) == 4
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda d: None, "not a folder"),
+    (lambda d: d.mkdir(), "holds no image files"),
+    (lambda d: (d.mkdir(), (d / "notes.txt").write_text("x")), "holds no image files"),
+    (lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"junk"), (d / "b.jpg").write_bytes(b"")),
+     "holds 0 readable image"),
+])
+def test_image_folder_errors_are_clear(tmp_path, setup, words):
+    setup(tmp_path / "tt")
+    with pytest.raises(ValueError, match=words):
+        with pytest.warns(UserWarning) if "readable" in words else contextlib.nullcontext():
+            pvae.load_image_folder(tmp_path / "tt", (8, 8))
