@@ -560,6 +560,20 @@ def get_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_device(device) -> torch.device:
+    """torch.device from a name or device (None: get_device()), or ValueError if unusable here."""
+    if device is None:
+        return get_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: got {device!r}; expected 'cpu', 'cuda' or 'cuda:N' ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: got {str(device)!r} but this machine has no usable CUDA GPU; "
+                         "expected 'cpu' (or None to choose automatically)")
+    return device
+
+
 def fast_mode() -> bool:
     """True when the environment asks for the smoke run (PVAE_FAST=1): tiny data, few epochs."""
     return os.environ.get(FAST_ENV, "0") not in ("", "0", "false", "False")
@@ -621,13 +635,13 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
         raise ValueError("train: resume=True needs a checkpoint_path to resume from")
     check_images(train_data, cfg, "train_data")
     check_images(test_data, cfg, "test_data")
-    device = torch.device(device) if device is not None else get_device()
+    device = _check_device(device)
     model.to(device)
     dtype = next(model.parameters()).dtype
     x_train, x_test = train_data.to(device, dtype), test_data.to(device, dtype)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history = {k: [] for k in HISTORY_KEYS}
-    if resume and _resolve(checkpoint_path).is_file():
+    if resume and Path(checkpoint_path).is_file():
         history = _restore_training(checkpoint_path, model, opt)
         print(f"Resuming {checkpoint_path} after epoch {len(history['epoch'])} of {epochs}.")
     n_batches = -(-len(x_train) // cfg.batch_size)
@@ -711,9 +725,10 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, opti
 
     The file holds only tensors, strings, numbers, lists and dicts, so it loads with
     ``torch.load(weights_only=True)`` and executes no code. Relative paths are taken from the
-    repository root. Returns the absolute path.
+    working directory (the notebooks pass absolute ones from checkpoint_path). Returns the
+    absolute path.
     """
-    path = _resolve(path)
+    path = Path(path).resolve()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _save_atomic({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                   "config_json": json.dumps(model.config.to_dict()),
@@ -725,9 +740,13 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, opti
 
 def _read_checkpoint(path) -> dict:
     """The validated contents of a checkpoint file (on the CPU), or a clear error."""
-    path = _resolve(path)
+    path = Path(path).resolve()
+    if path.is_dir():
+        raise ValueError(f"load_checkpoint: {path} is a folder; expected a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"load_checkpoint: {path} is an empty file (0 bytes), not a checkpoint")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
@@ -809,7 +828,7 @@ def load_or_train(path, config: PVAEConfig, data: ImageData, device=None) -> tup
     A checkpoint of another configuration raises ValueError naming the differing fields (it is
     not overwritten); an unfinished one (fewer epochs than config.epochs) is resumed.
     """
-    if _resolve(path).is_file():
+    if Path(path).is_file():
         model, history = load_checkpoint(path, device=device or get_device())
         differ = config_differences(model.config, config)
         if differ:
@@ -852,6 +871,15 @@ def reconstruct(model: PartitionVAE, x: torch.Tensor) -> torch.Tensor:
     return model(x.to(_device_of(model)))[0].cpu()
 
 
+def _finite_numbers(values) -> bool:
+    """Whether values is a 1-D sequence of finite real numbers."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    return array.ndim == 1 and bool(np.isfinite(array).all())
+
+
 def _check_one_image(model: PartitionVAE, x) -> None:
     c = model.config
     expected = (c.in_channels, *c.image_size)
@@ -868,9 +896,9 @@ def decode_scaled(model: PartitionVAE, x: torch.Tensor, partition_scales) -> tor
     model.eval()
     _check_one_image(model, x)
     n = len(model.config.partitions)
-    if np.ndim(partition_scales) != 1 or len(partition_scales) != n:
+    if not _finite_numbers(partition_scales) or len(partition_scales) != n:
         raise ValueError(f"partition_scales: got {partition_scales!r}; expected a list of {n} "
-                         "numbers, one per partition")
+                         "finite numbers, one per partition")
     mu = model.encode(x.unsqueeze(0).to(_device_of(model)))[0]            # (1, L)
     for s, scale in zip(model.partition_slices, partition_scales):
         mu[:, s] *= scale
@@ -884,8 +912,8 @@ def partition_traversal(model: PartitionVAE, x: torch.Tensor, partition: int, sc
     n = len(model.config.partitions)
     if not (_is_int(partition) and 0 <= partition < n):
         raise ValueError(f"partition: got {partition!r}; expected an index in 0..{n - 1}")
-    if np.ndim(scales) != 1 or len(scales) == 0:
-        raise ValueError(f"scales: got {scales!r}; expected a non-empty list of numbers")
+    if not _finite_numbers(scales) or len(scales) == 0:
+        raise ValueError(f"scales: got {scales!r}; expected a non-empty list of finite numbers")
     return torch.stack([decode_scaled(model, x, [scale if i == partition else 1.0 for i in range(n)])
                         for scale in scales])
 
@@ -1003,7 +1031,8 @@ def plot_class_balance(y_train, y_test, ax=None):
     ax.set_xticks(classes)
     ax.set_xlabel("digit")
     ax.set_ylabel("fraction of split")
-    ax.legend()
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # head room for the legend above the bars
+    ax.legend(loc="upper center", ncol=2)
     return ax
 
 
@@ -1083,6 +1112,9 @@ def traversal_widget(model: PartitionVAE, x: torch.Tensor, scale_range=(-3.0, 3.
 def plot_latent_correlation(mu: np.ndarray, partitions, ax=None):
     """Heatmap of the correlation between latent means mu (N, L), partition boundaries drawn."""
     import seaborn as sns
+    if sum(partitions) != np.shape(mu)[1]:
+        raise ValueError(f"partitions: got {tuple(partitions)} (sum {sum(partitions)}) for "
+                         f"{np.shape(mu)[1]} latent units; expected sizes that add up to them")
     ax = _axes(ax, (6, 5))
     corr = np.corrcoef(mu, rowvar=False)
     sns.heatmap(corr, vmin=-1, vmax=1, cmap="RdBu_r", square=True, ax=ax,

@@ -38,7 +38,7 @@ def test_defect5_a_whole_pickled_model_is_refused_with_the_reason(tiny_config, t
 @pytest.mark.parametrize("content, words", [
     (b"this is a text file, not a checkpoint", "not a readable PVAE checkpoint"),
     (b"<!DOCTYPE html><html>a saved error page</html>", "not a readable PVAE checkpoint"),
-    (b"", "not a readable PVAE checkpoint"),
+    (b"", "empty file"),
 ])
 def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path, content, words):
     path = tmp_path / "notes.pt"

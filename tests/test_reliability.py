@@ -226,3 +226,33 @@ def test_image_folder_errors_are_clear(tmp_path, setup, words):
     with pytest.raises(ValueError, match=words):
         with pytest.warns(UserWarning) if "readable" in words else contextlib.nullcontext():
             pvae.load_image_folder(tmp_path / "tt", (8, 8))
+
+
+@pytest.mark.parametrize("device, words", [
+    ("bogus", "device: got 'bogus'; expected 'cpu'"),
+    pytest.param("cuda", "no usable CUDA GPU", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_an_unusable_device_is_named_before_any_work(tiny_config, images, device, words):
+    with pytest.raises(ValueError, match=words):
+        pvae.train(pvae.PartitionVAE(tiny_config), images(tiny_config), images(tiny_config),
+                   device=device, progress=False)
+
+
+def test_odd_checkpoint_paths_are_named(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        pvae.load_checkpoint(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty file \(0 bytes\)"):
+        pvae.load_checkpoint(tmp_path / "empty.pt")
+
+
+@pytest.mark.parametrize("scales", [["a"], [float("nan")], [[1.0]]])
+def test_traversal_scales_must_be_finite_numbers(tiny_config, images, scales):
+    with pytest.raises(ValueError, match="scales: got"):
+        pvae.partition_traversal(pvae.PartitionVAE(tiny_config), images(tiny_config, 1)[0], 0, scales)
+
+
+def test_correlation_plot_checks_partitions_against_the_latent():
+    with pytest.raises(ValueError, match=r"partitions: got \(4, 3\) \(sum 7\) for 10 latent units"):
+        pvae.plot_latent_correlation(np.random.default_rng(0).normal(size=(20, 10)), (4, 3))

@@ -8,6 +8,7 @@ notebooks/ stay without outputs. Any cell error stops the run with a non-zero ex
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,11 @@ def execute(path: Path, timeout: int = 3600) -> nbformat.NotebookNode:
     The kernel inherits this process's environment (so PVAE_FAST reaches it). Raises
     nbclient's CellExecutionError on the first failing cell."""
     nb = nbformat.read(path, as_version=4)
+    # The kernel process's own stderr carries only jupyter's start-up chatter (a TCP transport
+    # warning); what cells print, errors included, comes back through the notebook protocol.
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+                   resources={"metadata": {"path": str(path.parent)}}).execute(
+                       stderr=subprocess.DEVNULL)
     BUILD.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, BUILD / path.name)
     return nb
