@@ -234,6 +234,16 @@ def _convs(c_in: int, spec: tuple, pool: bool) -> tuple:
     return layers, c_in
 
 
+def check_shape(x, config: PVAEConfig, name: str) -> None:
+    """Raise ValueError unless x is a torch.Tensor (N, C, H, W) with C, H, W from the config."""
+    expected = (config.in_channels, *config.image_size)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: got {type(x).__name__}; expected a torch.Tensor (N, *{expected})")
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected (N, {expected[0]}, "
+                         f"{expected[1]}, {expected[2]}) from the config (in_channels, image_size)")
+
+
 class PartitionVAE(nn.Module):
     """A VAE whose latent vector is split into partitions, each with its own mean and
     log-variance MLP, and whose decoder works at 1/f of the input resolution.
@@ -269,14 +279,9 @@ class PartitionVAE(nn.Module):
         return partition_slices(self.config.partitions)
 
     def check_input(self, x: torch.Tensor, name: str = "x") -> None:
-        """Raise ValueError unless x is a float tensor of shape (B, C, H, W) matching the config."""
-        c = self.config
-        expected = (c.in_channels, *c.image_size)
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name}: got {type(x).__name__}; expected a torch.Tensor (B, *{expected})")
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected (batch, {expected[0]}, "
-                             f"{expected[1]}, {expected[2]}) from the config (in_channels, image_size)")
+        """Raise ValueError unless x is a tensor (B, C, H, W) matching the config, in the model's
+        dtype. (Values are checked once per data set, by check_images, not per batch.)"""
+        check_shape(x, self.config, name)
         dtype = next(self.parameters()).dtype
         if x.dtype != dtype:
             hint = " (uint8 images: divide by 255)" if not x.is_floating_point() else ""
@@ -524,12 +529,7 @@ def load_image_folder(path, size: tuple, *, grayscale: bool = False, test_fracti
 
 def check_images(x, config: PVAEConfig, name: str) -> torch.Tensor:
     """Validate a whole image set before any work: non-empty float (N, C, H, W), finite, in [0, 1]."""
-    expected = (config.in_channels, *config.image_size)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: got {type(x).__name__}; expected a torch.Tensor (N, *{expected})")
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"{name}: got shape {tuple(x.shape)}; expected (N, {expected[0]}, "
-                         f"{expected[1]}, {expected[2]}) from the config (in_channels, image_size)")
+    check_shape(x, config, name)
     if len(x) == 0:
         raise ValueError(f"{name}: got an empty set (0 images); expected at least one image")
     if not x.is_floating_point():

@@ -121,7 +121,7 @@ def test_logvar_stays_in_its_documented_range(tiny_config):
 
 
 @pytest.mark.parametrize("bad, words", [
-    (torch.rand(2, 3, 16, 16), r"shape \(2, 3, 16, 16\); expected \(batch, 1, 16, 16\)"),
+    (torch.rand(2, 3, 16, 16), r"shape \(2, 3, 16, 16\); expected \(N, 1, 16, 16\)"),
     (torch.rand(2, 1, 28, 28), r"shape \(2, 1, 28, 28\)"),
     (torch.rand(1, 16, 16), r"shape \(1, 16, 16\)"),
     ((torch.rand(2, 1, 16, 16) * 255).to(torch.uint8), "dtype torch.uint8; .*divide by 255"),
