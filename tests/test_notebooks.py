@@ -72,7 +72,7 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(fast, name):
         assert "Loaded" in out or "No checkpoint" in out
 
 
-@pytest.mark.parametrize("name", ["01_data_prep.ipynb", "04_interpretability.ipynb"])
+@pytest.mark.parametrize("name", sorted(FIGURES))
 def test_running_a_notebook_twice_in_one_kernel_gives_the_same_figures(fast, name):
     """No hidden state between cells: a second Run All in the same kernel saves identical PNGs."""
     import hashlib
