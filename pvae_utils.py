@@ -361,13 +361,17 @@ def pvae_loss(x, x_hat, mu, logvar, config: PVAEConfig) -> dict:
 
 @dataclass
 class ImageData:
-    """Images (N, C, H, W) float32 in [0, 1] with integer labels (N,), and where they came from."""
+    """Images (N, C, H, W) float32 in [0, 1] with labels, and where they came from.
+
+    Labels are (N,) integers (MNIST digits), or (N, K) ground-truth factors named by
+    ``label_names`` (Pong: ball and paddle positions, scores)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     source: str = field(default="")
+    label_names: tuple = ()
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -375,15 +379,16 @@ class ImageData:
             if not isinstance(x, torch.Tensor) or x.ndim != 4:
                 got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"ImageData.x_{split}: got {got}; expected a tensor (N, C, H, W)")
-            if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) != len(x):
+            if not isinstance(y, torch.Tensor) or y.ndim not in (1, 2) or len(y) != len(x):
                 got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"ImageData.y_{split}: got {got} for {len(x)} images; expected "
-                                 f"one label per image, shape ({len(x)},)")
+                                 f"one label (or row of factors) per image, shape ({len(x)}, ...)")
 
     def subset(self, n_train: int, n_test: int) -> "ImageData":
         """The first n_train / n_test images (for FAST mode); the splits are already shuffled."""
         return ImageData(self.x_train[:n_train], self.y_train[:n_train], self.x_test[:n_test],
-                         self.y_test[:n_test], f"{self.source} (first {n_train} / {n_test})")
+                         self.y_test[:n_test], f"{self.source} (first {n_train} / {n_test})",
+                         self.label_names)
 
 
 MNIST_HOST = ("ossci-datasets.s3.amazonaws.com", 443)  # torchvision's first MNIST mirror
@@ -476,6 +481,95 @@ def load_mnist(root="data", verbose: bool = True) -> ImageData:
     if verbose:
         print(f"MNIST: {source} [{note}]")
     return ImageData(x_tr.float() / 255, y_tr.long(), x_te.float() / 255, y_te.long(), source)
+
+
+# Atari Pong ("Video Olympics" table tennis), from the ROM that ale-py ships. The RAM addresses
+# and offsets below were checked against the screen (tests/test_pong.py): on the 210x160 screen
+# the ball's left column is RAM[49] - 49 and its top row RAM[54] - 14 (a 2x4 block); the player's
+# (green, right, columns 140-143) paddle spans rows RAM[51] - 14 .. RAM[51] + 1, the opponent's
+# (orange, left, columns 16-19) rows RAM[50] - 15 .. RAM[50]. The play field lies between the
+# white walls: rows 34..193, all 160 columns.
+PONG_FIELD_ROWS = (34, 194)
+PONG_FACTORS = ("ball_x", "ball_y", "player_y", "opponent_y", "player_score", "opponent_score")
+PONG_RAM = {"ball_x": 49, "ball_y": 54, "player_y": 51, "opponent_y": 50, "player_score": 14,
+            "opponent_score": 13}
+
+
+def pong_factors(ram: np.ndarray) -> np.ndarray:
+    """RAM (N, 128) -> factors (N, 6) in PONG_FACTORS order: object centres in pixels of the
+    160x160 play field (x from the left, y from the top wall; NaN for the ball out of play),
+    and the two scores."""
+    ram = ram.astype(np.float64)
+    ball_x = ram[:, 49] - 49 + 0.5
+    ball_y = ram[:, 54] - 14 - PONG_FIELD_ROWS[0] + 1.5
+    in_play = (ram[:, 54] >= 14 + PONG_FIELD_ROWS[0]) & (ball_x >= 0) & (ball_x < 160)
+    ball_x[~in_play] = np.nan
+    ball_y[~in_play] = np.nan
+    player_y = ram[:, 51] - 6.5 - PONG_FIELD_ROWS[0]
+    opponent_y = ram[:, 50] - 7.5 - PONG_FIELD_ROWS[0]
+    return np.stack([ball_x, ball_y, player_y, opponent_y, ram[:, 14], ram[:, 13]], axis=1)
+
+
+def pong_preprocess(screens: np.ndarray, size: int = 64) -> torch.Tensor:
+    """RGB screens (N, 210, 160, 3) uint8 -> grey play fields (N, 1, size, size) in [0, 1].
+
+    Crops the play field (160x160) and downsamples by adaptive max-pooling, so the 2x4-pixel
+    ball, brighter than the background, keeps at least one pixel at any size."""
+    field_ = torch.from_numpy(screens[:, PONG_FIELD_ROWS[0]:PONG_FIELD_ROWS[1]]).float() / 255
+    grey = (field_ @ torch.tensor([0.299, 0.587, 0.114])).unsqueeze(1)     # (N, 1, 160, 160)
+    return F.adaptive_max_pool2d(grey, size)
+
+
+def _play_pong(n_frames: int, seed: int, frame_skip: int) -> tuple:
+    """Play Pong with a seeded uniformly random policy; keep the screen and RAM every
+    ``frame_skip`` frames (the action repeats in between), resetting at game over."""
+    import ale_py
+    from ale_py import roms
+    ale = ale_py.ALEInterface()
+    ale.setLoggerMode(ale_py.LoggerMode.Error)
+    ale.setInt("random_seed", seed)
+    ale.loadROM(roms.get_rom_path("pong"))
+    actions = ale.getMinimalActionSet()
+    rng = np.random.default_rng(seed)
+    screens = np.empty((n_frames, 210, 160, 3), dtype=np.uint8)
+    rams = np.empty((n_frames, 128), dtype=np.uint8)
+    for i in range(n_frames):
+        action = actions[rng.integers(len(actions))]
+        for _ in range(frame_skip):
+            ale.act(action)
+        if ale.game_over():
+            ale.reset_game()
+        screens[i], rams[i] = ale.getScreenRGB(), ale.getRAM()
+    return screens, rams
+
+
+def load_pong(n_frames: int = 5000, seed: int = 0, root="data", *, size: int = 64,
+              frame_skip: int = 4, test_fraction: float = 0.1) -> ImageData:
+    """Atari Pong frames with ground-truth factors, generated offline from the ROM ale-py ships.
+
+    x: (N, 1, size, size) grey play fields (pong_preprocess); y: (N, 6) factors named in
+    PONG_FACTORS (pong_factors: pixel positions in the 160x160 field, NaN ball when out of
+    play, scores). Shuffled with ``seed`` and split (1 - test_fraction) / test_fraction. Cached
+    in ``root/pong-<n_frames>-<seed>-<frame_skip>-<size>.pt``.
+    """
+    for name, value, low in (("n_frames", n_frames, 2), ("size", size, 8), ("frame_skip", frame_skip, 1)):
+        if not (_is_int(value) and value >= low):
+            raise ValueError(f"load_pong: {name} got {value!r}; expected an integer >= {low}")
+    cache = _resolve(root) / f"pong-{n_frames}-{seed}-{frame_skip}-{size}.pt"
+    if cache.exists():
+        blob = torch.load(cache, weights_only=True)
+    else:
+        screens, rams = _play_pong(n_frames, seed, frame_skip)
+        blob = {"x": (pong_preprocess(screens, size) * 255).round().to(torch.uint8),
+                "y": torch.from_numpy(pong_factors(rams))}
+        _save_atomic(blob, cache)
+    x, factors = blob["x"].float() / 255, blob["y"]
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n_frames))
+    x, y = x[order], factors[order].float()
+    n_test = max(1, round(test_fraction * n_frames))
+    return ImageData(x[n_test:], y[n_test:], x[:n_test], y[:n_test],
+                     f"Atari Pong, {n_frames} frames (random policy, seed {seed}, frame skip "
+                     f"{frame_skip}), split {n_frames - n_test} / {n_test}", PONG_FACTORS)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
