@@ -192,6 +192,11 @@ PRESETS = {
     # The report's MNIST run: latent 10 = 4+3+3, f=2, nearest-exact, 25 epochs, Adam lr 2.5e-4,
     # batch 64, KL weight 0.1 against the per-image summed squared error, input noise 0.01.
     "mnist_report": PVAEConfig(lr=2.5e-4, batch_size=64, upsample_mode="nearest-exact"),
+    # Table tennis (Atari Pong play fields, grey 64x64): the report's latent 20 = 5+5+4+3+2+1
+    # and f=2, one more encoder layer for the larger image.
+    "pong": PVAEConfig(image_size=(64, 64), encoder=((3, 32), (3, 64), (3, 64)),
+                       partitions=(5, 5, 4, 3, 2, 1), upsample_mode="nearest-exact",
+                       decoder_channels=16, kl_weight=0.01, epochs=30),
 }
 
 
@@ -525,8 +530,8 @@ def _play_pong(n_frames: int, seed: int, frame_skip: int) -> tuple:
     ``frame_skip`` frames (the action repeats in between), resetting at game over."""
     import ale_py
     from ale_py import roms
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)   # before the start-up banner
     ale = ale_py.ALEInterface()
-    ale.setLoggerMode(ale_py.LoggerMode.Error)
     ale.setInt("random_seed", seed)
     ale.loadROM(roms.get_rom_path("pong"))
     actions = ale.getMinimalActionSet()
@@ -621,6 +626,29 @@ def load_image_folder(path, size: tuple, *, grayscale: bool = False, test_fracti
                      f"{len(x)} images from {folder}, split {len(x) - n_test} / {n_test}")
 
 
+SPORTS10_DIR = "data/sports10/table_tennis"   # where notebook 01 tells users to unpack the images
+
+
+def load_table_tennis(folder=SPORTS10_DIR, n_frames: int = 5000, seed: int = 0, root="data",
+                      size: int = 64, verbose: bool = True) -> ImageData:
+    """The table-tennis images every table-tennis section trains on: grey (N, 1, size, size).
+
+    If ``folder`` (relative paths: from the repository) exists, the Sports10 table-tennis images
+    a user downloaded, through load_image_folder (labels -1: no ground truth). Otherwise Atari
+    Pong frames with their RAM factors (load_pong), saying so in one line. A folder that exists
+    but holds no images is an error, not a reason to fall back."""
+    path = Path(folder)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if path.exists():
+        data = load_image_folder(path, (size, size), grayscale=True, seed=seed)
+        note = "Sports10 table-tennis images"
+    else:
+        data = load_pong(n_frames, seed, root, size=size)
+        note = f"no Sports10 folder at {path}: using Atari Pong frames, which have ground truth"
+    if verbose:
+        print(f"Table tennis: {data.source} [{note}]")
+    return data
+
 def check_images(x, config: PVAEConfig, name: str) -> torch.Tensor:
     """Validate a whole image set before any work: non-empty float (N, C, H, W), finite, in [0, 1]."""
     check_shape(x, config, name)
@@ -674,20 +702,23 @@ def fast_mode() -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000) -> dict:
+def evaluate(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000, amp: str = "off") -> dict:
     """Loss terms over the **whole** set x (N, C, H, W), decoding the mean (no sampling).
 
     Every term is per image, averaged over all N images (batches weighted by their size);
-    ``kl_per_partition`` is a list of P floats.
+    ``kl_per_partition`` is a list of P floats. ``amp``: as in train (forward under autocast,
+    sums in float32).
     """
     check_images(x, model.config, "x")
     device = next(model.parameters()).device
+    dtype = autocast_dtype(device, amp)
     was_training = model.training
     model.eval()
     totals, n = {}, 0
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size].to(device)
-        x_hat, mu, logvar = model(xb)
+        with _autocast(device, dtype):
+            x_hat, mu, logvar = model(xb)
         for k, v in pvae_loss(xb, x_hat, mu, logvar, model.config).items():
             totals[k] = totals.get(k, 0) + v.double() * len(xb)
         n += len(xb)
@@ -699,9 +730,66 @@ HISTORY_KEYS = ("epoch", "train_loss", "train_recon", "train_kl", "test_loss", "
                 "test_kl", "test_mse", "test_kl_per_partition", "seconds")
 
 
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+def autocast_dtype(device: torch.device, amp: str = "auto"):
+    """The autocast dtype for ``amp`` on ``device``, or None for full float32.
+
+    "auto": bfloat16 on a CUDA GPU that supports it, float16 (with a gradient scaler) on an
+    older one, None on the CPU (measured slower there, see benchmarks/bench_train.py);
+    "bf16" / "fp16" force that dtype on any device (tests use it to exercise the GPU code path
+    on the CPU); "off": None.
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp: got {amp!r}; expected one of {AMP_MODES}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype):
+    """torch.autocast for ``dtype`` on ``device``; a no-op context when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(model: PartitionVAE, opt, x: torch.Tensor, *, dtype=None, scaler=None,
+               where: str = "") -> torch.Tensor:
+    """One Adam update on the clean batch x (B, C, H, W), which gets the config's input noise.
+
+    Forward under autocast when ``dtype`` is set (the loss terms are summed in float32 by
+    pvae_loss); float16 needs a torch.amp.GradScaler ``scaler``. Returns the detached terms
+    (3,) = [loss, recon, kl] per image, left on the device. A non-finite loss raises
+    FloatingPointError naming ``where`` and the first non-finite term, before the update:
+    the one host synchronisation per batch, kept so that NaN weights never happen.
+    """
+    cfg = model.config
+    noisy = (x + cfg.noise_std * torch.randn_like(x)).clamp(0, 1) if cfg.noise_std else x
+    with _autocast(x.device, dtype):
+        x_hat, mu, logvar = model(noisy)
+    terms = pvae_loss(x, x_hat, mu, logvar, cfg)
+    if not torch.isfinite(terms["loss"]):
+        # the KL first: a non-finite KL means the encoder blew up, and the recon follows
+        bad = next((k for k in ("kl", "recon") if not torch.isfinite(terms[k])), "loss")
+        raise FloatingPointError(
+            f"train: non-finite {bad} ({terms[bad].item()}) at {where}; stopped before updating "
+            "the weights. The last checkpoint, if any, is unchanged. Try a lower lr or check the data.")
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        terms["loss"].backward()
+        opt.step()
+    return torch.stack([terms[k].detach() for k in ("loss", "recon", "kl")])
+
+
 def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor, *,
           epochs: int | None = None, device=None, checkpoint_path=None, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, amp: str = "auto", compile: bool = False) -> dict:
     """Train with Adam (lr, batch size and epochs from model.config) and return the history.
 
     train_data, test_data: images (N, C, H, W) in [0, 1], validated before any work. Both live on
@@ -716,6 +804,9 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     required), so an interrupted run ends exactly as an uninterrupted one would on the CPU.
     A non-finite loss stops at once with FloatingPointError, before the update and before any
     checkpoint is written, so the last good checkpoint stays as it was.
+    ``amp``: mixed precision, see autocast_dtype (default: bf16 / fp16 on CUDA, off on CPU).
+    ``compile``: run the model through torch.compile (off by default: see the README's speed
+    measurements).
 
     Returns history: lists per epoch of train_loss/recon/kl (per image, noisy input, sampled z),
     test_loss/recon/kl/mse, test_kl_per_partition, and seconds (wall time, the one entry that
@@ -730,22 +821,25 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     check_images(train_data, cfg, "train_data")
     check_images(test_data, cfg, "test_data")
     device = _check_device(device)
+    dtype = autocast_dtype(device, amp)
     model.to(device)
-    dtype = next(model.parameters()).dtype
-    x_train, x_test = train_data.to(device, dtype), test_data.to(device, dtype)
+    x_train = train_data.to(device, next(model.parameters()).dtype)
+    x_test = test_data.to(device, next(model.parameters()).dtype)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history = {k: [] for k in HISTORY_KEYS}
     if resume and Path(checkpoint_path).is_file():
         history = _restore_training(checkpoint_path, model, opt)
         print(f"Resuming {checkpoint_path} after epoch {len(history['epoch'])} of {epochs}.")
+    runner = torch.compile(model) if compile else model
     n_batches = -(-len(x_train) // cfg.batch_size)
     first = len(history["epoch"]) + 1
     from tqdm.auto import tqdm
     with tqdm(total=max(0, epochs - first + 1) * n_batches, disable=not progress, unit="batch") as bar:
         for epoch in range(first, epochs + 1):
             start = time.perf_counter()
-            train_terms = _train_epoch(model, opt, x_train, epoch, bar, progress)
-            test_terms = evaluate(model, x_test)
+            train_terms = _train_epoch(runner, opt, x_train, epoch, bar, progress, dtype, scaler)
+            test_terms = evaluate(model, x_test, amp=amp)
             history["epoch"].append(epoch)
             for k, v in zip(("train_loss", "train_recon", "train_kl"), train_terms):
                 history[k].append(v)
@@ -760,33 +854,23 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     return history
 
 
-def _train_epoch(model: PartitionVAE, opt, x_train: torch.Tensor, epoch: int, bar, progress: bool) -> list:
-    """One pass over x_train (N, C, H, W) in random batches; returns the per-image mean
-    [loss, recon, kl]. Raises FloatingPointError on a non-finite loss, before the update."""
+def _train_epoch(model, opt, x_train: torch.Tensor, epoch: int, bar, progress: bool,
+                 dtype=None, scaler=None) -> list:
+    """One pass over x_train (N, C, H, W) in random batches of train_step; returns the
+    per-image mean [loss, recon, kl]. The progress bar's numbers are read every 20 batches."""
     cfg = model.config
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=x_train.device)
     batches = torch.randperm(len(x_train), device=x_train.device).split(cfg.batch_size)
     for i, idx in enumerate(batches):
         x = x_train[idx]                                                 # (B, C, H, W) clean
-        noisy = (x + cfg.noise_std * torch.randn_like(x)).clamp(0, 1) if cfg.noise_std else x
-        x_hat, mu, logvar = model(noisy)
-        terms = pvae_loss(x, x_hat, mu, logvar, cfg)
-        if not torch.isfinite(terms["loss"]):
-            # the KL first: a non-finite KL means the encoder blew up, and the recon follows
-            bad = next((k for k in ("kl", "recon") if not torch.isfinite(terms[k])), "loss")
-            raise FloatingPointError(
-                f"train: non-finite {bad} ({terms[bad].item()}) at epoch {epoch}, batch "
-                f"{i + 1} of {len(batches)}; stopped before updating the weights. The last "
-                "checkpoint, if any, is unchanged. Try a lower lr or check the data.")
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
-        sums += torch.stack([terms[k].detach().double() for k in ("loss", "recon", "kl")]) * len(x)
+        terms = train_step(model, opt, x, dtype=dtype, scaler=scaler,
+                           where=f"epoch {epoch}, batch {i + 1} of {len(batches)}")
+        sums += terms.double() * len(x)
         bar.update()
         if progress and (i % 20 == 0 or i == len(batches) - 1):
-            bar.set_postfix(epoch=epoch, recon=f"{terms['recon'].item():.2f}",
-                            kl=f"{terms['kl'].item():.2f}", refresh=False)
+            bar.set_postfix(epoch=epoch, recon=f"{terms[1].item():.2f}",
+                            kl=f"{terms[2].item():.2f}", refresh=False)
     return (sums / len(x_train)).tolist()
 
 
@@ -1020,13 +1104,18 @@ def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> f
     return float(((pca.inverse_transform(pca.transform(b)) - b) ** 2).mean())
 
 
+def subres_floor(x: torch.Tensor, factor: int, mode: str = "nearest-exact") -> torch.Tensor:
+    """x (N, C, H, W) average-pooled by ``factor`` and upsampled back with ``mode``: what a
+    decoder working at 1/f can at best draw (exactly so for nearest upsampling)."""
+    return F.interpolate(F.avg_pool2d(x, factor), size=x.shape[-2:], mode=mode)
+
+
 def subres_floor_mse(x: torch.Tensor, factor: int, mode: str = "nearest-exact") -> float:
-    """Reference: per-pixel MSE of x (N, C, H, W) against itself average-pooled by ``factor`` and
-    upsampled back with ``mode``. For nearest upsampling this is exactly the floor of any decoder
-    working at 1/f (the block mean is the best coarse pixel); for bilinear it is a close
-    estimate, not a bound: another coarse image can do slightly better."""
-    small = F.avg_pool2d(x, factor)
-    return float((F.interpolate(small, size=x.shape[-2:], mode=mode) - x).pow(2).mean())
+    """Reference: per-pixel MSE of x (N, C, H, W) against subres_floor(x). For nearest
+    upsampling this is exactly the floor of any decoder working at 1/f (the block mean is the
+    best coarse pixel); for bilinear it is a close estimate, not a bound: another coarse image
+    can do slightly better."""
+    return float((subres_floor(x, factor, mode) - x).pow(2).mean())
 
 
 def parameter_counts(model: PartitionVAE) -> dict:
@@ -1064,6 +1153,129 @@ def trace_shapes(model: PartitionVAE, x: torch.Tensor) -> list:
     shapes.append(("decoder convs + 1x1 conv + sigmoid", tuple(small.shape)))
     shapes.append((f"upsampled ({c.upsample_mode}) x_hat", tuple(model.decode(mu).shape)))
     return shapes
+
+
+# Table-tennis read-back: where a (reconstructed) grey play field puts the paddles and the ball.
+# Greys of pong_preprocess: background 87/255, both paddles 147-148/255, ball 236/255.
+PONG_GREY = {"background": 87 / 255, "paddle": 147.5 / 255, "ball": 236 / 255}
+PONG_PADDLE_COLUMNS = {"player_y": (140, 144), "opponent_y": (16, 20)}   # field pixels [from, to)
+
+
+def _field_pixels(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Centres of rows / columns of a size-pixel image, in pixels of the 160-pixel field."""
+    return (index.float() + 0.5) * (160 / size)
+
+
+def pong_paddle_readback(x: torch.Tensor) -> dict:
+    """Paddle centres read from grey play fields x (N, 1, S, S), as PONG_FACTORS' player_y and
+    opponent_y: {name: (N,) rows in field pixels, NaN where no paddle is seen}.
+
+    In the paddle's columns, each row's paddle weight is its brightness above the image's median
+    (the background), as a fraction of the paddle's contrast, clipped to [0, 1]; rows brighter
+    than half-way to the ball count 0 (the ball passing). The centre is the weighted mean row;
+    with less than one row's weight in all there is no paddle."""
+    size = x.shape[-1]
+    background = x.flatten(1).median(dim=1).values[:, None]                      # (N, 1)
+    rows = _field_pixels(torch.arange(size), size)
+    out = {}
+    for name, (lo, hi) in PONG_PADDLE_COLUMNS.items():
+        cols = slice(lo * size // 160, -(-hi * size // 160))
+        v = x[:, 0, :, cols].amax(dim=2)                                         # (N, S)
+        w = ((v - background) / (PONG_GREY["paddle"] - PONG_GREY["background"])).clamp(0, 1)
+        w[v > (PONG_GREY["paddle"] + PONG_GREY["ball"]) / 2] = 0
+        total = w.sum(dim=1)
+        centre = (w * rows).sum(dim=1) / total.clamp_min(1e-9)
+        out[name] = torch.where(total >= 1, centre, torch.nan)
+    return out
+
+
+def pong_ball_readback(x: torch.Tensor) -> torch.Tensor:
+    """Ball centre (N, 2) as (ball_x, ball_y) in field pixels, read from grey play fields
+    x (N, 1, S, S) as the brightest pixel outside the paddle columns; NaN where none stands out
+    from the background (the image's median) by a quarter of the ball's contrast. A quarter, not
+    more, because subresolution blurs the 1x2-pixel ball over a 2x2 block (f=2)."""
+    size = x.shape[-1]
+    img = x[:, 0].clone()
+    for lo, hi in PONG_PADDLE_COLUMNS.values():
+        img[:, :, lo * size // 160:-(-hi * size // 160)] = 0
+    best, where = img.flatten(1).max(dim=1)
+    xy = torch.stack([_field_pixels(where % size, size), _field_pixels(where // size, size)], dim=1)
+    background = x.flatten(1).median(dim=1).values
+    seen = best - background > (PONG_GREY["ball"] - PONG_GREY["background"]) / 4
+    return torch.where(seen[:, None], xy, torch.nan)
+
+
+def pong_readback_accuracy(x: torch.Tensor, factors: torch.Tensor, tolerance: float = 4.0) -> dict:
+    """How often the objects read back from play fields x (N, 1, S, S) lie within ``tolerance``
+    field pixels of the RAM truth ``factors`` (N, 6) (PONG_FACTORS order).
+
+    Paddles count on frames where the RAM puts the whole 16-row paddle inside the field (centre
+    8..152); the ball on frames where it is in play, within tolerance in both x and y. A paddle
+    or ball not seen counts as a miss. Returns {object: {"frames", "within", "median_error"}}."""
+    factors = torch.as_tensor(factors, dtype=torch.float32)
+    paddles = pong_paddle_readback(x)
+    out = {}
+    for name, column in (("player_y", 2), ("opponent_y", 3)):
+        truth = factors[:, column]
+        keep = (truth >= 8) & (truth <= 152)
+        error = (paddles[name] - truth)[keep].abs().nan_to_num(float("inf"))
+        out[name] = _accuracy(error, tolerance)
+    keep = torch.isfinite(factors[:, 0])
+    error = (pong_ball_readback(x) - factors[:, :2])[keep].abs().amax(dim=1).nan_to_num(float("inf"))
+    out["ball"] = _accuracy(error, tolerance)
+    return out
+
+
+def _accuracy(error: torch.Tensor, tolerance: float) -> dict:
+    return {"frames": int(error.numel()),
+            "within": float((error <= tolerance).float().mean()) if error.numel() else float("nan"),
+            "median_error": float(error.median()) if error.numel() else float("nan")}
+
+
+def format_readback(results: dict) -> str:
+    """A text table of {row: pong_readback_accuracy(...)}: per object, the share of frames
+    within tolerance and the median error in field pixels."""
+    objects = ("player_y", "opponent_y", "ball")
+    lines = [f"{'within 4 px (median error)':28s}" + "".join(f"{o:>20s}" for o in objects)]
+    for row, acc in results.items():
+        lines.append(f"{row:28s}" + "".join(
+            f"{acc[o]['within']:>10.1%} ({acc[o]['median_error']:5.1f}) " for o in objects))
+    frames = ", ".join(f"{o} {next(iter(results.values()))[o]['frames']}" for o in objects)
+    return "\n".join(lines + [f"frames counted: {frames}"])
+
+
+def factor_regressor(seed: int = 0):
+    """The small regressor behind every latent-to-factor score: scikit-learn's
+    ExtraTreesRegressor (50 trees, leaves of at least 5 samples), single-threaded. Trees need no
+    scaling of the units; one thread because OpenMP pools (HistGradientBoosting's beside torch's)
+    were seen to stall each other in a notebook kernel on 2 cores."""
+    from sklearn.ensemble import ExtraTreesRegressor
+    return ExtraTreesRegressor(n_estimators=50, min_samples_leaf=5, random_state=seed, n_jobs=1)
+
+
+def factor_r2_map(mu_train: np.ndarray, y_train: np.ndarray, mu_test: np.ndarray,
+                  y_test: np.ndarray, partitions, seed: int = 0) -> np.ndarray:
+    """Partition-by-factor map: R^2 on held-out data of a regressor from one partition's latent
+    means to one ground-truth factor. Returns (P + 1, K): row i for partition i, the last row for
+    the whole latent. mu_*: (N, L) latent means; y_*: (N, K) factors, NaN where a factor is
+    undefined (those samples are left out for that factor).
+
+    The regressor is ``factor_regressor`` (extremely randomised trees: non-linear, indifferent
+    to the scale of each unit), fitted on the training set and scored on the test set; R^2 is
+    clipped at 0 from below (worse than predicting the mean tells nothing)."""
+    from sklearn.metrics import r2_score
+    blocks = partition_slices(partitions) + [slice(0, sum(partitions))]
+    y_train, y_test = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
+    out = np.zeros((len(blocks), y_train.shape[1]))
+    for k in range(y_train.shape[1]):
+        tr, te = np.isfinite(y_train[:, k]), np.isfinite(y_test[:, k])
+        if tr.sum() < 10 or te.sum() < 2 or np.ptp(y_test[te, k]) == 0:
+            out[:, k] = np.nan
+            continue
+        for i, s in enumerate(blocks):
+            reg = factor_regressor(seed).fit(mu_train[tr, s], y_train[tr, k])
+            out[i, k] = max(0.0, r2_score(y_test[te, k], reg.predict(mu_test[te, s])))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1114,6 +1326,32 @@ def plot_image_grid(x: torch.Tensor, ncols: int = 10, labels=None, ax=None, titl
         ax.set_title(title)
     return ax
 
+
+def plot_pong_positions(x: torch.Tensor, factors, ncols: int = 8, ax=None, title=None):
+    """Pong play fields x (N, 1, S, S) as a grid, with the RAM truth ``factors`` (N, 6) drawn on
+    them (red ring: ball; cyan bars: paddle centres) and what pong_paddle_readback and
+    pong_ball_readback read from the pixels (yellow crosses). Where the marks coincide, the
+    images show the objects where the game state says they are."""
+    ax = plot_image_grid(x, ncols=ncols, ax=ax, title=title)
+    size = x.shape[-1]
+    factors = torch.as_tensor(factors, dtype=torch.float32)
+    paddles, ball = pong_paddle_readback(x), pong_ball_readback(x)
+    column = {name: (lo + hi) / 2 for name, (lo, hi) in PONG_PADDLE_COLUMNS.items()}
+    for i in range(len(x)):
+        oy = MOSAIC_PAD + (i // ncols) * (size + MOSAIC_PAD) - 0.5
+        ox = MOSAIC_PAD + (i % ncols) * (size + MOSAIC_PAD) - 0.5
+        at = lambda fx, fy: (ox + fx * size / 160, oy + fy * size / 160)  # noqa: E731
+        if torch.isfinite(factors[i, :2]).all():
+            ax.scatter(*at(factors[i, 0], factors[i, 1]), s=60, facecolors="none", edgecolors="red")
+        if torch.isfinite(ball[i]).all():
+            ax.scatter(*at(ball[i, 0], ball[i, 1]), s=25, marker="x", color="yellow")
+        for name, k in (("player_y", 2), ("opponent_y", 3)):
+            if 0 <= factors[i, k] <= 160:                     # RAM off the field at resets
+                ax.scatter(*at(column[name], factors[i, k]), s=80, marker="_", color="cyan")
+            if torch.isfinite(paddles[name][i]):
+                ax.scatter(*at(column[name], paddles[name][i]), s=25, marker="x", color="yellow")
+    ax.set_xlim(-0.5, ncols * (size + MOSAIC_PAD) + MOSAIC_PAD - 0.5)
+    return ax
 
 def plot_class_balance(y_train, y_test, ax=None):
     """Bar chart of label counts (fraction of each split) for train and test."""
@@ -1243,6 +1481,39 @@ def plot_embedding(emb: np.ndarray, labels, ax=None, title=None):
         ax.set_title(title)
     return ax
 
+
+def plot_embedding_values(emb: np.ndarray, values, ax=None, title=None, label=None):
+    """Scatter a 2-D embedding (N, 2) coloured by a continuous value (N,), e.g. a ground-truth
+    factor; points whose value is NaN (undefined, like the ball out of play) in light grey."""
+    ax = _axes(ax, (5, 5))
+    values = np.asarray(values, dtype=np.float64)
+    known = np.isfinite(values)
+    ax.scatter(emb[~known, 0], emb[~known, 1], s=6, color="0.85", label="undefined")
+    points = ax.scatter(emb[known, 0], emb[known, 1], s=6, c=values[known], cmap="viridis")
+    ax.figure.colorbar(points, ax=ax, label=label)
+    if (~known).any():
+        ax.legend(markerscale=3, fontsize=7, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_factor_map(r2: np.ndarray, partitions, factor_names, ax=None):
+    """Heatmap of factor_r2_map's (P + 1, K) held-out R^2: one row per partition and one for
+    the whole latent, one column per factor."""
+    import seaborn as sns
+    rows = [f"partition {i} ({n})" for i, n in enumerate(partitions)] + ["whole latent"]
+    if np.shape(r2) != (len(rows), len(factor_names)):
+        raise ValueError(f"r2: got shape {np.shape(r2)}; expected {(len(rows), len(factor_names))} "
+                         "(partitions + whole latent, factors)")
+    ax = _axes(ax, (1.2 * len(factor_names) + 2, 0.45 * len(rows) + 1))
+    sns.heatmap(r2, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", ax=ax,
+                xticklabels=list(factor_names), yticklabels=rows,
+                cbar_kws={"label": "held-out R$^2$"})
+    ax.axhline(len(partitions), color="white", lw=3)
+    return ax
 
 def figures_dir() -> Path:
     """figures/ in the repository, or figures/fast/ (git-ignored) in FAST mode, so a smoke run

@@ -77,3 +77,92 @@ def test_load_pong_caches_and_splits(tmp_path):
     assert (tmp_path / "pong-60-2-4-32.pt").is_file()
     with pytest.raises(ValueError, match="load_pong: n_frames got 1"):
         pvae.load_pong(1)
+
+
+# ------------------------------------------------------------------ read-back and factor map
+
+@pytest.fixture(scope="module")
+def fields(played):
+    """The played frames as 64x64 model inputs (N, 1, 64, 64) with their factors (N, 6)."""
+    screens, rams = played
+    return pvae.pong_preprocess(screens, 64), torch.from_numpy(pvae.pong_factors(rams)).float()
+
+
+def test_readback_finds_the_objects_on_real_inputs(fields):
+    x, factors = fields
+    acc = pvae.pong_readback_accuracy(x, factors)
+    assert acc["player_y"]["frames"] >= 100 and acc["opponent_y"]["frames"] >= 100
+    assert acc["player_y"]["within"] >= 0.99 and acc["opponent_y"]["within"] >= 0.99
+    assert acc["player_y"]["median_error"] <= 1.5
+    assert acc["ball"]["frames"] >= 50 and acc["ball"]["within"] >= 0.9
+
+
+def test_readback_follows_a_moved_paddle_and_misses_an_empty_field(fields):
+    x, factors = fields
+    i = int(torch.nonzero((factors[:, 2] > 40) & (factors[:, 2] < 120))[0, 0])
+    shifted = torch.roll(x[i:i + 1], shifts=8, dims=2)                  # 8 rows = 20 field pixels
+    before = pvae.pong_paddle_readback(x[i:i + 1])["player_y"]
+    after = pvae.pong_paddle_readback(shifted)["player_y"]
+    assert after - before == pytest.approx(20.0, abs=0.01)
+    empty = torch.full_like(x[:3], pvae.PONG_GREY["background"])
+    assert torch.isnan(pvae.pong_paddle_readback(empty)["player_y"]).all()
+    assert torch.isnan(pvae.pong_ball_readback(empty)).all()
+    acc = pvae.pong_readback_accuracy(empty, factors[:3])
+    assert all(acc[k]["within"] == 0 for k in ("player_y", "opponent_y") if acc[k]["frames"])
+
+
+def test_subres_floor_keeps_the_paddles_readable(fields):
+    x, factors = fields
+    floor = pvae.subres_floor(x, 2, "nearest-exact")
+    assert floor.shape == x.shape
+    assert pvae.subres_floor_mse(x, 2) == pytest.approx(float((floor - x).pow(2).mean()))
+    acc = pvae.pong_readback_accuracy(floor, factors)
+    assert acc["opponent_y"]["within"] >= 0.95 and acc["player_y"]["within"] >= 0.9
+
+
+def test_factor_map_finds_the_partition_that_holds_each_factor():
+    rng = np.random.default_rng(0)
+    factors = rng.uniform(0, 160, size=(600, 3))
+    factors[rng.random(600) < 0.3, 2] = np.nan                  # undefined values are left out
+    noise = rng.normal(size=(600, 2))
+    # partition 0 holds factors 0 and 1 (non-linearly), partition 1 factor 2, partition 2 noise
+    mu = np.column_stack([np.exp(factors[:, 0] / 80), factors[:, 1] ** 2,
+                          np.nan_to_num(factors[:, 2], nan=0.0), noise])
+    r2 = pvae.factor_r2_map(mu[:500], factors[:500], mu[500:], factors[500:], (2, 1, 2))
+    assert r2.shape == (4, 3)
+    assert r2[0, 0] > 0.9 and r2[0, 1] > 0.9 and r2[1, 2] > 0.9 and r2[3].min() > 0.9
+    assert r2[2].max() < 0.1 and r2[1, :2].max() < 0.1 and r2[0, 2] < 0.1
+    shuffled = rng.permutation(500)                              # order of samples is irrelevant
+    again = pvae.factor_r2_map(mu[:500][shuffled], factors[:500][shuffled], mu[500:], factors[500:],
+                               (2, 1, 2))
+    assert np.allclose(again, r2, atol=0.05)
+
+
+def test_factor_map_plot_checks_its_shape():
+    with pytest.raises(ValueError, match=r"r2: got shape \(2, 2\); expected \(3, 2\)"):
+        pvae.plot_factor_map(np.zeros((2, 2)), (1, 1), ("a", "b"))
+
+
+def test_table_tennis_uses_a_users_folder_or_says_it_falls_back(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "tt"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((40, 30, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    data = pvae.load_table_tennis(folder, size=32)
+    assert data.x_train.shape == (4, 1, 32, 32) and "Sports10" in capsys.readouterr().out
+    data = pvae.load_table_tennis(tmp_path / "missing", n_frames=40, root=tmp_path, size=32)
+    assert data.label_names == pvae.PONG_FACTORS
+    assert "no Sports10 folder" in capsys.readouterr().out and "Atari Pong" in data.source
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no image files"):
+        pvae.load_table_tennis(tmp_path / "empty")
+
+
+def test_pong_preset_trains_a_step_on_real_frames(fields):
+    x, _ = fields
+    config = pvae.preset("pong", epochs=1, batch_size=16)
+    assert config.partitions == (5, 5, 4, 3, 2, 1) and config.subres_factor == 2
+    model = pvae.PartitionVAE(config)
+    history = pvae.train(model, x[:32], x[32:48], progress=False)
+    assert np.isfinite(history["test_mse"][0]) and model(x[:2])[0].shape == (2, 1, 64, 64)
