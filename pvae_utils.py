@@ -60,6 +60,7 @@ class PVAEConfig:
     encoder: tuple = ((3, 32), (3, 64))   # (kernel, channels) per conv; each + ReLU + 2x2 max-pool
     partitions: tuple = (4, 3, 3)         # partition sizes; L = sum
     head_hidden: tuple = (32,)            # hidden widths of every partition's mean / logvar MLP
+    partition_heads: bool = True          # False: a plain VAE (encoder -> mu, logvar directly)
     decoder_linear: tuple = (256,)        # hidden widths of the Linear layers from z
     decoder_channels: int = 32            # channels of the (H/f, W/f) image the Linear layers make
     decoder_convs: tuple = ((3, 32), (3, 32))  # (kernel, channels), size-preserving, + ReLU
@@ -67,6 +68,7 @@ class PVAEConfig:
     upsample_mode: str = "bilinear"       # one of UPSAMPLE_MODES
     recon_weight: float = 1.0
     kl_weight: float = 0.1
+    tc_weight: float = 0.0                # between-partition total-correlation penalty (0: off)
     noise_std: float = 0.01               # training-input noise, clamped to [0, 1]
     logvar_limit: float = 10.0            # log-variance soft-clamped to (-limit, limit)
     lr: float = 1e-3                      # Adam learning rate
@@ -159,6 +161,8 @@ def _validate_config(c: PVAEConfig):
         widths = getattr(c, name)
         if not (isinstance(widths, tuple) and all(_is_int(w) and w >= 1 for w in widths)):
             _fail(name, widths, "a list of positive integers (hidden layer widths), possibly empty")
+    if not isinstance(c.partition_heads, bool):
+        _fail("partition_heads", c.partition_heads, "True (a PVAE) or False (a plain VAE)")
     if not (_is_int(c.decoder_channels) and c.decoder_channels >= 1):
         _fail("decoder_channels", c.decoder_channels, "a positive integer")
     _check_layers("decoder_convs", c.decoder_convs)
@@ -173,7 +177,7 @@ def _validate_config(c: PVAEConfig):
         _fail("subres_factor", f, f"a factor that divides image_size {size}")
     if c.upsample_mode not in UPSAMPLE_MODES:
         _fail("upsample_mode", c.upsample_mode, f"one of {UPSAMPLE_MODES}")
-    for name, low, strict in (("recon_weight", 0, True), ("kl_weight", 0, False),
+    for name, low, strict in (("recon_weight", 0, True), ("kl_weight", 0, False), ("tc_weight", 0, False),
                               ("noise_std", 0, False), ("logvar_limit", 0, True), ("lr", 0, True)):
         v = getattr(c, name)
         if not (_is_number(v) and np.isfinite(v) and (v > low if strict else v >= low)):
@@ -198,6 +202,13 @@ PRESETS = {
                        partitions=(5, 5, 4, 3, 2, 1), upsample_mode="nearest-exact",
                        decoder_channels=16, kl_weight=0.01, epochs=30),
 }
+# The comparison of notebook 05 (issue: interpretability you can measure): the same frames at
+# 32 x 32, so that 4 models x 3 seeds fit the CPU budget, latent 20 = 5+5+4+3+2+1 for all.
+PRESETS["compare_pvae"] = PRESETS["pong"].replace(image_size=(32, 32), encoder=((3, 32), (3, 64)),
+                                                  epochs=20)
+PRESETS["compare_vae"] = PRESETS["compare_pvae"].replace(partition_heads=False)
+PRESETS["compare_beta_vae"] = PRESETS["compare_vae"].replace(kl_weight=0.04)
+PRESETS["compare_pvae_tc"] = PRESETS["compare_pvae"].replace(tc_weight=0.01)
 
 
 def preset(name: str, **changes) -> PVAEConfig:
@@ -256,6 +267,7 @@ class PartitionVAE(nn.Module):
     encode:  x (B, C, H, W) -> conv stack -> Linear -> (B, L), split into partitions;
              partition i: mu_heads[i], logvar_heads[i] map (B, p_i) -> (B, p_i) each
              -> mu, logvar (B, L)
+             (partition_heads=False, a plain VAE: Linear -> (B, 2L) = mu, logvar; no heads)
     decode:  z (B, L) -> Linear layers -> (B, decoder_channels, H/f, W/f) -> convs -> 1x1 conv
              -> sigmoid -> upsample by f -> x_hat (B, C, H, W)
     """
@@ -268,10 +280,12 @@ class PartitionVAE(nn.Module):
         c = config
         conv, c_enc = _convs(c.in_channels, c.encoder, pool=True)
         enc_h, enc_w = (s // 2 ** len(c.encoder) for s in c.image_size)
-        self.encoder = nn.Sequential(*conv, nn.Flatten(), nn.Linear(c_enc * enc_h * enc_w, c.latent_dim))
+        n_out = c.latent_dim * (1 if c.partition_heads else 2)
+        self.encoder = nn.Sequential(*conv, nn.Flatten(), nn.Linear(c_enc * enc_h * enc_w, n_out))
         # Separate ModuleLists, separate layer objects: every head is registered, trained, saved.
-        self.mu_heads = nn.ModuleList(_mlp(p, c.head_hidden, p) for p in c.partitions)
-        self.logvar_heads = nn.ModuleList(_mlp(p, c.head_hidden, p) for p in c.partitions)
+        heads = c.partitions if c.partition_heads else ()
+        self.mu_heads = nn.ModuleList(_mlp(p, c.head_hidden, p) for p in heads)
+        self.logvar_heads = nn.ModuleList(_mlp(p, c.head_hidden, p) for p in heads)
         h, w = c.subres_size
         self.decoder_linear = nn.Sequential(
             _mlp(c.latent_dim, c.decoder_linear, c.decoder_channels * h * w), nn.ReLU(),
@@ -296,10 +310,13 @@ class PartitionVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple:
         """x (B, C, H, W) -> mu, logvar, each (B, L)."""
         self.check_input(x)
-        h = self.encoder(x)                                      # (B, L)
-        parts = [h[:, s] for s in self.partition_slices]         # P x (B, p_i)
-        mu = torch.cat([head(p) for head, p in zip(self.mu_heads, parts)], dim=1)
-        raw = torch.cat([head(p) for head, p in zip(self.logvar_heads, parts)], dim=1)
+        h = self.encoder(x)                                      # (B, L), or (B, 2L) plain
+        if self.config.partition_heads:
+            parts = [h[:, s] for s in self.partition_slices]     # P x (B, p_i)
+            mu = torch.cat([head(p) for head, p in zip(self.mu_heads, parts)], dim=1)
+            raw = torch.cat([head(p) for head, p in zip(self.logvar_heads, parts)], dim=1)
+        else:
+            mu, raw = h.chunk(2, dim=1)                          # (B, L) each
         limit = self.config.logvar_limit
         logvar = limit * torch.tanh(raw / limit)                 # soft clamp to (-limit, limit)
         return mu, logvar
@@ -342,7 +359,8 @@ def pvae_loss(x, x_hat, mu, logvar, config: PVAEConfig) -> dict:
     kl_per_partition = mean_b sum_{j in partition} KL(N(mu_j, e^logvar_j) || N(0, 1))   (P,)
                        with KL = 1/2 (mu^2 + e^logvar - 1 - logvar)
     kl               = kl_per_partition.sum()                                 scalar
-    loss             = recon_weight * recon + kl_weight * kl
+    tc               = partition_tc(mu, logvar, partitions), only when tc_weight > 0
+    loss             = recon_weight * recon + kl_weight * kl (+ tc_weight * tc)
     mse              = recon / (C * H * W), the mean squared error per pixel (for reporting)
     """
     if x_hat.shape != x.shape:
@@ -356,8 +374,33 @@ def pvae_loss(x, x_hat, mu, logvar, config: PVAEConfig) -> dict:
     kl_per_partition = torch.stack(
         [kl_units[:, s].sum(1) for s in partition_slices(config.partitions)], dim=1).mean(0)
     kl = kl_per_partition.sum()
-    return {"loss": config.recon_weight * recon + config.kl_weight * kl, "recon": recon, "kl": kl,
-            "kl_per_partition": kl_per_partition, "mse": recon / x[0].numel()}
+    out = {"loss": config.recon_weight * recon + config.kl_weight * kl, "recon": recon, "kl": kl,
+           "kl_per_partition": kl_per_partition, "mse": recon / x[0].numel()}
+    if config.tc_weight > 0:
+        out["tc"] = partition_tc(mu, logvar, config.partitions)
+        out["loss"] = out["loss"] + config.tc_weight * out["tc"]
+    return out
+
+
+def partition_tc(mu: torch.Tensor, logvar: torch.Tensor, partitions) -> torch.Tensor:
+    """Total correlation between partitions, KL(q(z) || prod_i q(z_i)) with z_i partition i's
+    block, estimated on one batch: a scalar in nats per image.
+
+    mu, logvar: (B, L). A fresh z_n ~ q(z|x_n) per image; the aggregate posterior is the
+    batch's mixture, q(z) ~ (1/B) sum_m q(z|x_m), and likewise for each block (the minibatch
+    estimator of Chen et al. 2018, "Isolating sources of disentanglement", with the batch as the
+    data set, taken to partition blocks as in group-level TC terms). Differentiable in mu and
+    logvar. Biased upwards when the posteriors are sharp against the spread of the batch (each z
+    then matches only its own component; the estimate tends to (P - 1) log B) and can dip below 0
+    for small batches. Zero for one partition."""
+    b = len(mu)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)                     # (B, L)
+    # log N(z_n; mu_m, exp(logvar_m)) per unit, for every pair (n, m): (B, B, L)
+    log_q = -0.5 * (np.log(2 * np.pi) + logvar[None] + (z[:, None] - mu[None]).pow(2) / logvar.exp()[None])
+    joint = torch.logsumexp(log_q.sum(2), dim=1) - np.log(b)                      # (B,)
+    blocks = sum(torch.logsumexp(log_q[:, :, s].sum(2), dim=1) - np.log(b)
+                 for s in partition_slices(partitions))
+    return (joint - blocks).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1278,6 +1321,261 @@ def factor_r2_map(mu_train: np.ndarray, y_train: np.ndarray, mu_test: np.ndarray
     return out
 
 
+# Partition-level interpretability metrics. Every score below takes latent means mu (N, L) and,
+# where it needs them, ground-truth factors y (N, K) with NaN where a factor is undefined.
+ACTIVE_VARIANCE = 0.01   # Burda et al. (2016): a unit is active when Var_x[mu_j(x)] > 0.01
+
+
+def active_units(mu: np.ndarray, partitions, threshold: float = ACTIVE_VARIANCE) -> list:
+    """Active units per partition: how many of a partition's units have a latent mean that
+    varies over the data, Var_x[mu_j(x)] > threshold (Burda, Grosse & Salakhutdinov 2016,
+    "Importance weighted autoencoders", the usual 0.01). A partition with 0 is dead: the decoder
+    gets nothing from it. mu: (N, L). Returns P integers."""
+    active = np.var(np.asarray(mu, np.float64), axis=0) > threshold
+    return [int(active[s].sum()) for s in partition_slices(partitions)]
+
+
+def block_score(mu: np.ndarray, partitions) -> dict:
+    """How much the correlation of the latent means keeps inside partitions.
+
+    With r the (L, L) Pearson correlation of mu (N, L) over the data: ``within`` is the mean
+    |r_jk| over pairs of distinct units in the same partition, ``between`` over pairs in
+    different partitions, ``ratio`` = within / between (above 1: correlated units gather in
+    a partition, as the PVAE hopes). Units that never vary have no correlation and are left
+    out. ``within`` is NaN when every partition has size 1."""
+    mu = np.asarray(mu, np.float64)
+    live = mu.std(axis=0) > 0
+    r = np.abs(np.corrcoef(mu[:, live], rowvar=False)) if live.sum() > 1 else np.zeros((live.sum(),) * 2)
+    owner = np.repeat(np.arange(len(partitions)), partitions)[live]
+    same = owner[:, None] == owner[None, :]
+    off = ~np.eye(len(owner), dtype=bool)
+    within = r[same & off].mean() if (same & off).any() else float("nan")
+    between = r[~same].mean() if (~same).any() else float("nan")
+    return {"within": float(within), "between": float(between), "ratio": float(within / between)}
+
+
+def discretize(v: np.ndarray, bins: int = 20, seed: int = 0) -> np.ndarray:
+    """Integer codes (N,) for the values v (N,) or (N, k), for mutual information.
+
+    One column: ``bins`` equal-width bins between its minimum and maximum, as in Locatello et
+    al.'s disentanglement_lib (so scaling or shifting it changes nothing). Several columns (a
+    partition taken as one unit): ``bins`` k-means clusters of the columns standardised, the
+    same number of cells as one unit gets, so that a bigger partition is not credited with
+    information merely for having more cells."""
+    v = np.asarray(v, np.float64)
+    v = v[:, None] if v.ndim == 1 else v
+    if v.shape[1] == 1:
+        edges = np.linspace(v.min(), v.max(), bins + 1)[1:-1]
+        return np.digitize(v[:, 0], edges)
+    from sklearn.cluster import KMeans
+    scale = v.std(axis=0)
+    z = (v - v.mean(axis=0)) / np.where(scale > 0, scale, 1)
+    return KMeans(n_clusters=min(bins, len(np.unique(z, axis=0))), n_init=3,
+                  random_state=seed).fit_predict(z)
+
+
+def _mi_matrix(mu: np.ndarray, y: np.ndarray, blocks: list, bins: int) -> tuple:
+    """(MI (n_blocks, K), H (K,)) in nats: I(block code; factor code) and the factor's entropy,
+    each factor on the samples where it is defined."""
+    from threadpoolctl import threadpool_limits
+    mi, entropy = np.zeros((len(blocks), y.shape[1])), np.zeros(y.shape[1])
+    with threadpool_limits(1):   # k-means' OpenMP beside torch's: measured 200x slower without
+        for k in range(y.shape[1]):
+            keep = np.isfinite(y[:, k])
+            f = discretize(y[keep, k], bins)
+            entropy[k] = mutual_information(f, f)
+            for i, s in enumerate(blocks):
+                mi[i, k] = mutual_information(discretize(mu[keep, s], bins), f)
+    return mi, entropy
+
+
+def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """I(a; b) in nats of two integer codes (N,), from their joint histogram (the plug-in
+    estimate, as sklearn.metrics.mutual_info_score, which the tests compare it with)."""
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    joint = np.bincount(a * (b.max() + 1) + b, minlength=(a.max() + 1) * (b.max() + 1))
+    joint = joint.reshape(a.max() + 1, b.max() + 1) / len(a)
+    outer = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / outer[nz])).sum())
+
+
+def mig(mu: np.ndarray, y: np.ndarray, partitions=None, bins: int = 20) -> dict:
+    """Mutual information gap (Chen et al. 2018, "Isolating sources of disentanglement").
+
+    For each factor k with entropy H_k > 0: (I_(1) - I_(2)) / H_k, the gap between the two codes
+    that know most about it, normalised by the factor's entropy, with discretize() giving the
+    codes; ``mig`` is the mean over factors. Unit level (``partitions`` None): a code is one
+    latent unit. Partition level: a code is one partition's units taken together (clustered
+    by discretize), so a factor spread over the units of one partition is not a gap lost.
+    With one code only, I_(2) = 0. mu: (N, L); y: (N, K), NaN where undefined.
+    Returns {"mig", "per_factor" (K,), "mi" (codes, K) in nats}; constant factors get NaN."""
+    mu, y = np.asarray(mu, np.float64), np.asarray(y, np.float64)
+    blocks = partition_slices(partitions) if partitions else [slice(j, j + 1) for j in range(mu.shape[1])]
+    mi, entropy = _mi_matrix(mu, y, blocks, bins)
+    top = -np.sort(-mi, axis=0)
+    second = top[1] if len(blocks) > 1 else np.zeros(y.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gaps = np.where(entropy > 0, (top[0] - second) / entropy, np.nan)
+    return {"mig": float(np.nanmean(gaps)), "per_factor": gaps.tolist(), "mi": mi.tolist()}
+
+
+def _entropy_rows(p: np.ndarray, base: int) -> np.ndarray:
+    """Entropy of each row of a row-stochastic p, in log base ``base`` (1 = uniform)."""
+    if base < 2:
+        return np.zeros(len(p))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    return -terms.sum(axis=1) / np.log(base)
+
+
+def _dci_from_importance(r: np.ndarray) -> tuple:
+    """(disentanglement, completeness) from importances r (codes, K) (Eastwood & Williams)."""
+    r = np.maximum(r, 0)
+    code_weight = r.sum(axis=1) / max(r.sum(), 1e-12)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_code = np.nan_to_num(r / r.sum(axis=1, keepdims=True))
+        p_factor = np.nan_to_num(r / r.sum(axis=0, keepdims=True))
+    d = float(((1 - _entropy_rows(p_code, r.shape[1])) * code_weight).sum())
+    c = float((1 - _entropy_rows(p_factor.T, r.shape[0])).mean())
+    return d, c
+
+
+def _dci_importance(mu_train, y_train, mu_test, y_test, seed: int = 0) -> tuple:
+    """(R (L, K'), R^2 (K',)): factor_regressor's impurity importances of each unit for each
+    factor, fitted on the training means where the factor is defined, and its held-out R^2
+    (clipped at 0). Factors constant on the training set (K' <= K) are left out."""
+    from sklearn.metrics import r2_score
+    mu_train, mu_test = np.asarray(mu_train, np.float64), np.asarray(mu_test, np.float64)
+    y_train, y_test = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
+    keep = [k for k in range(y_train.shape[1]) if np.ptp(y_train[np.isfinite(y_train[:, k]), k]) > 0]
+    r, r2 = np.zeros((mu_train.shape[1], len(keep))), []
+    for col, k in enumerate(keep):
+        tr, te = np.isfinite(y_train[:, k]), np.isfinite(y_test[:, k])
+        reg = factor_regressor(seed).fit(mu_train[tr], y_train[tr, k])
+        r[:, col] = reg.feature_importances_
+        r2.append(max(0.0, r2_score(y_test[te, k], reg.predict(mu_test[te]))))
+    return r, r2
+
+
+def dci(mu_train, y_train, mu_test, y_test, partitions=None, seed: int = 0) -> dict:
+    """DCI (Eastwood & Williams 2018, "A framework for the quantitative evaluation of
+    disentangled representations") from a regressor's feature importances.
+
+    For each factor k, factor_regressor is fitted on the training means (N, L) where the factor
+    is defined; its impurity importances give R (L, K). ``informativeness`` is the mean held-out
+    R^2 (clipped at 0). ``disentanglement``: 1 - entropy (base K) of each code's normalised
+    importances over factors, weighted by the code's share of all importance;
+    ``completeness``: the mean over factors of 1 - entropy (base = number of codes) of the
+    factor's importances over codes. Unit level: a code is a unit. Partition level
+    (``partitions`` given): a code is a partition and its importance for a factor is the sum of
+    its units' importances (the same fitted regressors, so the two levels agree exactly when
+    every partition has size 1). Returns {"disentanglement", "completeness",
+    "informativeness", "importance" (codes, K)}."""
+    r, r2 = _dci_importance(mu_train, y_train, mu_test, y_test, seed)
+    if partitions:
+        r = np.stack([r[s].sum(axis=0) for s in partition_slices(partitions)])
+    d, c = _dci_from_importance(r)
+    return {"disentanglement": d, "completeness": c, "informativeness": float(np.mean(r2)),
+            "importance": r.tolist()}
+
+
+POSITION_FACTORS = ("ball_x", "ball_y", "player_y", "opponent_y")  # what a Pong frame shows
+COMPARE_MODELS = {"PVAE": "compare_pvae", "plain VAE": "compare_vae",
+                  "beta-VAE": "compare_beta_vae", "PVAE + TC": "compare_pvae_tc"}
+
+
+def interpretability_metrics(model: PartitionVAE, data: ImageData, factors=POSITION_FACTORS,
+                             bins: int = 10) -> dict:
+    """Every score of the comparison for one trained model, on the held-out frames.
+
+    data: frames with ground-truth factors (label_names naming them, e.g. load_pong). The
+    regressors (DCI, factor map) are fitted on the training frames' latent means and scored on
+    the test frames; MIG, block score and active units use the test frames (MIG with ``bins``
+    bins: 10, not the usual 20, because 500 frames would bias 400 cells upwards). DCI and MIG
+    use the factors the frames show (``factors``; the scores are off the cropped field); the
+    factor map has them all."""
+    missing = [f for f in factors if f not in data.label_names]
+    if missing:
+        raise ValueError(f"factors: {missing} are not among the data's factors {data.label_names}")
+    cols = [data.label_names.index(f) for f in factors]
+    parts = model.config.partitions
+    mu_tr, mu_te = latent_means(model, data.x_train), latent_means(model, data.x_test)
+    y_tr, y_te = data.y_train.numpy()[:, cols], data.y_test.numpy()[:, cols]
+    terms = evaluate(model, data.x_test)
+    importance, r2 = _dci_importance(mu_tr, y_tr, mu_te, y_te)
+    unit_d, unit_c = _dci_from_importance(importance)
+    part_d, part_c = _dci_from_importance(np.stack([importance[s].sum(0) for s in partition_slices(parts)]))
+    block = block_score(mu_te, parts)
+    return {"mse": terms["mse"], "kl": terms["kl"], "kl_per_partition": terms["kl_per_partition"],
+            "active_units": active_units(mu_te, parts), "block_within": block["within"],
+            "block_between": block["between"], "block_ratio": block["ratio"],
+            "unit_mig": mig(mu_te, y_te, bins=bins)["mig"], "unit_dci_d": unit_d, "unit_dci_c": unit_c,
+            "partition_mig": mig(mu_te, y_te, parts, bins=bins)["mig"], "partition_dci_d": part_d,
+            "partition_dci_c": part_c, "dci_i": float(np.mean(r2)),
+            "factor_map": factor_r2_map(mu_tr, data.y_train.numpy(), mu_te, data.y_test.numpy(), parts).tolist()}
+
+
+def compare_models(data: ImageData, models: dict = None, seeds=(0, 1, 2), epochs: int | None = None,
+                   device=None, checkpoint_dir=None) -> dict:
+    """Train (or load) each model of ``models`` ({name: preset name}, default COMPARE_MODELS)
+    once per seed on the same frames and budget, and score it with interpretability_metrics.
+
+    Checkpoints are data/checkpoints/<preset>-seed<k>.pt (load_or_train: a finished one is
+    loaded, an unfinished one resumed). ``epochs`` overrides every preset's (FAST runs).
+    Returns {name: {"seeds": [...], "runs": [metrics per seed], "models": [model per seed]}}."""
+    models = COMPARE_MODELS if models is None else models
+    out = {}
+    for name, preset_name in models.items():
+        config = preset(preset_name, **({} if epochs is None else {"epochs": epochs}))
+        if config.image_size != tuple(data.x_train.shape[-2:]):
+            raise ValueError(f"{name}: preset {preset_name!r} expects images {config.image_size}; "
+                             f"the data are {tuple(data.x_train.shape[-2:])}")
+        out[name] = {"seeds": list(seeds), "runs": [], "models": []}
+        for seed in seeds:
+            set_seed(seed)
+            model, _ = load_or_train(checkpoint_path(f"{preset_name}-seed{seed}", checkpoint_dir),
+                                     config, data, device=device)
+            out[name]["runs"].append(interpretability_metrics(model.cpu(), data))
+            out[name]["models"].append(model)
+    return out
+
+
+COMPARE_COLUMNS = (("mse", "MSE", "{:.5f}"), ("kl", "KL", "{:.1f}"), ("block_ratio", "block", "{:.2f}"),
+                   ("unit_mig", "unit MIG", "{:.3f}"), ("unit_dci_d", "unit D", "{:.2f}"),
+                   ("unit_dci_c", "unit C", "{:.2f}"), ("partition_mig", "part MIG", "{:.3f}"),
+                   ("partition_dci_d", "part D", "{:.2f}"), ("partition_dci_c", "part C", "{:.2f}"),
+                   ("dci_i", "DCI I", "{:.2f}"))
+
+
+def comparison_summary(results: dict) -> dict:
+    """{model: {metric: (mean, sd over seeds)}} for COMPARE_COLUMNS, plus "active_units": the
+    mean active units per partition."""
+    summary = {}
+    for name, r in results.items():
+        runs = r["runs"]
+        row = {key: (float(np.mean([m[key] for m in runs])),
+                     float(np.std([m[key] for m in runs], ddof=1)) if len(runs) > 1 else 0.0)
+               for key, _, _ in COMPARE_COLUMNS}
+        row["active_units"] = np.mean([m["active_units"] for m in runs], axis=0).tolist()
+        summary[name] = row
+    return summary
+
+
+def format_comparison(results: dict) -> str:
+    """A text table of compare_models' results: mean ± sd over seeds per metric and model,
+    and the mean active units per partition."""
+    summary = comparison_summary(results)
+    lines = [f"{'model':11s}" + "".join(f"{label:>17s}" for _, label, _ in COMPARE_COLUMNS) + "   active units"]
+    for name, row in summary.items():
+        cells = "".join(f"{(fmt.format(row[k][0]) + ' ± ' + fmt.format(row[k][1])):>17s}"
+                        for k, _, fmt in COMPARE_COLUMNS)
+        lines.append(f"{name:11s}{cells}   " + "/".join(f"{a:.1f}" for a in row["active_units"]))
+    seeds = next(iter(results.values()))["seeds"]
+    return "\n".join(lines + [f"(mean ± sd over seeds {seeds}; held-out frames)"])
+
+
 # --------------------------------------------------------------------------------------------
 # 8. Plots and notebook helpers
 # --------------------------------------------------------------------------------------------
@@ -1514,6 +1812,22 @@ def plot_factor_map(r2: np.ndarray, partitions, factor_names, ax=None):
                 cbar_kws={"label": "held-out R$^2$"})
     ax.axhline(len(partitions), color="white", lw=3)
     return ax
+
+def save_traversal_gif(model: PartitionVAE, x: torch.Tensor, partition: int, name: str,
+                       scales=None, zoom: int = 4) -> Path:
+    """figures_dir()/name.gif: one partition's traversal as an animation, the partition's latent
+    means of the image x (C, H, W) scaled from -3 to 3 and back (``scales``), each decoded frame
+    enlarged ``zoom`` times (nearest), looping. Returns the path."""
+    from PIL import Image
+    scales = np.concatenate([np.linspace(-3, 3, 13), np.linspace(3, -3, 13)[1:-1]]) if scales is None else scales
+    frames = partition_traversal(model, x, partition, scales)                 # (S, C, H, W)
+    images = [Image.fromarray((_image_array(f) * 255).round().astype(np.uint8)).resize((f.shape[-1] * zoom, f.shape[-2] * zoom),
+                                                      Image.NEAREST) for f in frames]
+    path = figures_dir() / f"{name}.gif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=120, loop=0)
+    return path
+
 
 def figures_dir() -> Path:
     """figures/ in the repository, or figures/fast/ (git-ignored) in FAST mode, so a smoke run

@@ -107,8 +107,7 @@ def run_one(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     budget, warmup = spec["budget"], spec.get("warmup_steps", 5)
     checkpoints = np.linspace(budget / spec.get("curve_points", 8), budget, spec.get("curve_points", 8))
-    curve, trained, images, steps = [], 0.0, 0, 0
-    timed_images, timed_seconds = 0, 0.0
+    curve, trained, images, steps, step_log = [], 0.0, 0, 0, []
     model.train()
     while trained < budget:
         _sync(device)
@@ -118,8 +117,7 @@ def run_one(spec: dict) -> dict:
         _sync(device)
         seconds = time.perf_counter() - start
         trained, images, steps = trained + seconds, images + len(xb), steps + 1
-        if steps > warmup:
-            timed_images, timed_seconds = timed_images + len(xb), timed_seconds + seconds
+        step_log.append((len(xb), seconds))
         if len(curve) < len(checkpoints) and trained >= checkpoints[len(curve)]:
             curve.append([trained, images, pvae.evaluate(model, x_test, amp=spec.get("amp", "auto"))["mse"]])
             model.train()
@@ -130,7 +128,8 @@ def run_one(spec: dict) -> dict:
         final = pvae.evaluate(model, x_test, amp=spec.get("amp", "auto"))
         _sync(device)
         eval_seconds.append(time.perf_counter() - start)
-    train_ips = timed_images / timed_seconds if timed_seconds else float("nan")
+    timed = np.array(step_log[warmup:] if len(step_log) > 2 * warmup else step_log)  # warm-up left out
+    train_ips = timed[:, 0].sum() / timed[:, 1].sum()
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"train_images_per_s": train_ips, "eval_images_per_s": len(x_test) / min(eval_seconds),
@@ -287,7 +286,7 @@ def main(argv=None) -> dict:
         plot_tradeoff(trade, ROOT / "figures" / f"subresolution_tradeoff{suffix}.png")
     if report["groups"].get("variants"):
         plot_variants(report["groups"]["variants"], ROOT / "figures" / f"report_variants_loss{suffix}.png")
-    print(f"wrote {out.relative_to(ROOT)} and the figures in figures/")
+    print(f"wrote {out} and the figures in figures/")
     return report
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,11 +17,15 @@ import run_notebooks  # noqa: E402
 import pvae_utils as pvae  # noqa: E402
 
 FIGURES = {
-    "01_data_prep.ipynb": ["mnist_samples", "mnist_class_balance"],
+    "01_data_prep.ipynb": ["mnist_samples", "mnist_class_balance", "table_tennis_frames"],
     "02_model.ipynb": ["subresolution"],
-    "03_training.ipynb": ["mnist_loss_curves", "mnist_reconstructions"],
+    "03_training.ipynb": ["mnist_loss_curves", "mnist_reconstructions", "table_tennis_loss_curves",
+                          "table_tennis_reconstructions", "table_tennis_readback"],
     "04_interpretability.ipynb": ["mnist_traversals", "mnist_latent_correlation", "mnist_tsne",
-                                  "mnist_tsne_per_partition"],
+                                  "mnist_tsne_per_partition", "table_tennis_traversals",
+                                  "table_tennis_latent_correlation", "table_tennis_tsne",
+                                  "table_tennis_factor_map"],
+    "05_comparison.ipynb": ["comparison_factor_maps"],
 }
 
 
@@ -68,8 +73,18 @@ def test_notebook_runs_top_to_bottom_and_saves_its_figures(fast, name):
     if name == "03_training.ipynb":
         results = json.loads((figures / "mnist_results.json").read_text())
         assert 0 < results["mnist"]["test_mse"] < 0.2 and 0 < results["pca_mse"] < 0.1
+    if name == "03_training.ipynb":
+        readback = json.loads((figures / "table_tennis_results.json").read_text())["readback_within_4px"]
+        assert readback["inputs"]["player_y"]["within"] > 0.95   # the read-back works on real frames
     if name == "04_interpretability.ipynb":  # a finished FAST checkpoint exists by now
         assert "Loaded" in out or "No checkpoint" in out
+        r2 = json.loads((figures / "table_tennis_factor_map.json").read_text())["r2"]
+        assert len(r2) == 7 and len(r2[0]) == 6
+    if name == "05_comparison.ipynb":
+        summary = json.loads((figures / "comparison.json").read_text())["summary"]
+        assert set(summary) == {"PVAE", "plain VAE", "beta-VAE", "PVAE + TC"}
+        assert all(np.isfinite(summary[m]["mse"][0]) for m in summary)
+        assert (figures / "comparison_pvae_traversal_p0.gif").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name", sorted(FIGURES))

@@ -59,3 +59,22 @@ def test_compiled_training_matches_eager_training(tiny_config, images):
         model = pvae.PartitionVAE(tiny_config.replace(epochs=1))
         runs.append(pvae.train(model, x, x[:8], progress=False, compile=compile)["test_loss"][0])
     assert runs[1] == pytest.approx(runs[0], rel=1e-3)
+
+
+def test_the_benchmark_runs_and_writes_its_json(tmp_path):
+    """benchmarks/bench_train.py end to end on a tiny budget (its numbers are not checked here:
+    a benchmark is not a timed test), both data pipelines, one fresh process per run."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--budget", "1", "--only", "mnist", "--groups", "pipeline", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_train_cpu.json").read_text())
+    runs = saved["groups"]["pipeline"]
+    assert len(runs) == 2 and saved["pipeline_speedup"] == pytest.approx(report["pipeline_speedup"])
+    for r in runs.values():
+        assert r["train_images_per_s"] > 0 and r["peak_memory_mb"] > 50 and 0 < r["test_mse"] < 1
