@@ -64,6 +64,8 @@ class PVAEConfig:
     decoder_linear: tuple = (256,)        # hidden widths of the Linear layers from z
     decoder_channels: int = 32            # channels of the (H/f, W/f) image the Linear layers make
     decoder_convs: tuple = ((3, 32), (3, 32))  # (kernel, channels), size-preserving, + ReLU
+    output_bias_init: float | None = None  # initial bias before the output sigmoid, a logit
+                                          # (None: PyTorch's default; see the "pong" preset)
     subres_factor: int = 2                # f: the decoder outputs (H/f, W/f), then upsamples
     upsample_mode: str = "bilinear"       # one of UPSAMPLE_MODES
     recon_weight: float = 1.0
@@ -177,6 +179,9 @@ def _validate_config(c: PVAEConfig):
         _fail("subres_factor", f, f"a factor that divides image_size {size}")
     if c.upsample_mode not in UPSAMPLE_MODES:
         _fail("upsample_mode", c.upsample_mode, f"one of {UPSAMPLE_MODES}")
+    if c.output_bias_init is not None and not (_is_number(c.output_bias_init)
+                                               and np.isfinite(c.output_bias_init)):
+        _fail("output_bias_init", c.output_bias_init, "None or a finite number (a logit)")
     for name, low, strict in (("recon_weight", 0, True), ("kl_weight", 0, False), ("tc_weight", 0, False),
                               ("noise_std", 0, False), ("logvar_limit", 0, True), ("lr", 0, True)):
         v = getattr(c, name)
@@ -196,16 +201,19 @@ PRESETS = {
     # The report's MNIST run: latent 10 = 4+3+3, f=2, nearest-exact, 25 epochs, Adam lr 2.5e-4,
     # batch 64, KL weight 0.1 against the per-image summed squared error, input noise 0.01.
     "mnist_report": PVAEConfig(lr=2.5e-4, batch_size=64, upsample_mode="nearest-exact"),
-    # Table tennis (Atari Pong play fields, grey 64x64): the report's latent 20 = 5+5+4+3+2+1
-    # and f=2, one more encoder layer for the larger image.
+    # Table tennis (Atari Pong play fields, 64x64, objects on black): the report's latent
+    # 20 = 5+5+4+3+2+1 and f=2, one more encoder layer for the larger image. The output starts
+    # near the mean pixel (0.007 = sigmoid(-5)) instead of 0.5: from 0.5, the first steps drove
+    # the sigmoid so far below 0 that its gradient vanished and the model never learnt (KL -> 0).
     "pong": PVAEConfig(image_size=(64, 64), encoder=((3, 32), (3, 64), (3, 64)),
                        partitions=(5, 5, 4, 3, 2, 1), upsample_mode="nearest-exact",
-                       decoder_channels=16, kl_weight=0.01, epochs=30),
+                       decoder_channels=16, output_bias_init=-5.0, kl_weight=0.01, epochs=20),
 }
 # The comparison of notebook 05 (issue: interpretability you can measure): the same frames at
-# 32 x 32, so that 4 models x 3 seeds fit the CPU budget, latent 20 = 5+5+4+3+2+1 for all.
+# 32 x 32 and 10 epochs, so that 4 models x 3 seeds fit the CPU budget (the pong preset reads
+# both paddles after 4), latent 20 = 5+5+4+3+2+1 for all.
 PRESETS["compare_pvae"] = PRESETS["pong"].replace(image_size=(32, 32), encoder=((3, 32), (3, 64)),
-                                                  epochs=20)
+                                                  epochs=10)
 PRESETS["compare_vae"] = PRESETS["compare_pvae"].replace(partition_heads=False)
 PRESETS["compare_beta_vae"] = PRESETS["compare_vae"].replace(kl_weight=0.04)
 PRESETS["compare_pvae_tc"] = PRESETS["compare_pvae"].replace(tc_weight=0.01)
@@ -291,7 +299,10 @@ class PartitionVAE(nn.Module):
             _mlp(c.latent_dim, c.decoder_linear, c.decoder_channels * h * w), nn.ReLU(),
             nn.Unflatten(1, (c.decoder_channels, h, w)))
         conv, c_dec = _convs(c.decoder_channels, c.decoder_convs, pool=False)
-        self.decoder_conv = nn.Sequential(*conv, nn.Conv2d(c_dec, c.in_channels, 1), nn.Sigmoid())
+        out = nn.Conv2d(c_dec, c.in_channels, 1)
+        if c.output_bias_init is not None:
+            nn.init.constant_(out.bias, c.output_bias_init)
+        self.decoder_conv = nn.Sequential(*conv, out, nn.Sigmoid())
 
     @property
     def partition_slices(self) -> list:
@@ -539,6 +550,9 @@ def load_mnist(root="data", verbose: bool = True) -> ImageData:
 # white walls: rows 34..193, all 160 columns.
 PONG_FIELD_ROWS = (34, 194)
 PONG_FACTORS = ("ball_x", "ball_y", "player_y", "opponent_y", "player_score", "opponent_score")
+PONG_BACKGROUND_RGB = (144, 72, 17)   # the play field's brown
+PONG_LEVELS = {"background": 0.0, "paddle": 2 / 3, "ball": 1.0}   # what pong_preprocess draws
+PONG_CACHE_VERSION = 2   # in the cache file name: bumped when pong_preprocess changes
 PONG_RAM = {"ball_x": 49, "ball_y": 54, "player_y": 51, "opponent_y": 50, "player_score": 14,
             "opponent_score": 13}
 
@@ -559,13 +573,19 @@ def pong_factors(ram: np.ndarray) -> np.ndarray:
 
 
 def pong_preprocess(screens: np.ndarray, size: int = 64) -> torch.Tensor:
-    """RGB screens (N, 210, 160, 3) uint8 -> grey play fields (N, 1, size, size) in [0, 1].
+    """RGB screens (N, 210, 160, 3) uint8 -> play fields (N, 1, size, size) in [0, 1], the
+    objects drawn on black: background 0, paddles 2/3, ball 1 (PONG_LEVELS).
 
-    Crops the play field (160x160) and downsamples by adaptive max-pooling, so the 2x4-pixel
-    ball, brighter than the background, keeps at least one pixel at any size."""
-    field_ = torch.from_numpy(screens[:, PONG_FIELD_ROWS[0]:PONG_FIELD_ROWS[1]]).float() / 255
-    grey = (field_ @ torch.tensor([0.299, 0.587, 0.114])).unsqueeze(1)     # (N, 1, 160, 160)
-    return F.adaptive_max_pool2d(grey, size)
+    Crops the play field (160x160), replaces each pixel by its object's level (background: the
+    screen's brown; ball: white; paddles: any other colour), and downsamples by adaptive
+    max-pooling, so the 2x4-pixel ball keeps at least one pixel at any size. Plain grey would
+    leave the paddles 0.24 above the background, too faint a signal for a VAE: it collapsed to
+    an empty field on them."""
+    field_ = torch.from_numpy(screens[:, PONG_FIELD_ROWS[0]:PONG_FIELD_ROWS[1]]).float()
+    objects = (field_ - torch.tensor(PONG_BACKGROUND_RGB)).abs().amax(dim=-1) > 24   # (N, 160, 160)
+    white = field_.amin(dim=-1) > 200
+    level = objects * PONG_LEVELS["paddle"] + white * (PONG_LEVELS["ball"] - PONG_LEVELS["paddle"])
+    return F.adaptive_max_pool2d(level.unsqueeze(1), size)                  # (N, 1, size, size)
 
 
 def _play_pong(n_frames: int, seed: int, frame_skip: int) -> tuple:
@@ -598,12 +618,12 @@ def load_pong(n_frames: int = 5000, seed: int = 0, root="data", *, size: int = 6
     x: (N, 1, size, size) grey play fields (pong_preprocess); y: (N, 6) factors named in
     PONG_FACTORS (pong_factors: pixel positions in the 160x160 field, NaN ball when out of
     play, scores). Shuffled with ``seed`` and split (1 - test_fraction) / test_fraction. Cached
-    in ``root/pong-<n_frames>-<seed>-<frame_skip>-<size>.pt``.
+    in ``root/pong<version>-<n_frames>-<seed>-<frame_skip>-<size>.pt``.
     """
     for name, value, low in (("n_frames", n_frames, 2), ("size", size, 8), ("frame_skip", frame_skip, 1)):
         if not (_is_int(value) and value >= low):
             raise ValueError(f"load_pong: {name} got {value!r}; expected an integer >= {low}")
-    cache = _resolve(root) / f"pong-{n_frames}-{seed}-{frame_skip}-{size}.pt"
+    cache = _resolve(root) / f"pong{PONG_CACHE_VERSION}-{n_frames}-{seed}-{frame_skip}-{size}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
     else:
@@ -1199,8 +1219,6 @@ def trace_shapes(model: PartitionVAE, x: torch.Tensor) -> list:
 
 
 # Table-tennis read-back: where a (reconstructed) grey play field puts the paddles and the ball.
-# Greys of pong_preprocess: background 87/255, both paddles 147-148/255, ball 236/255.
-PONG_GREY = {"background": 87 / 255, "paddle": 147.5 / 255, "ball": 236 / 255}
 PONG_PADDLE_COLUMNS = {"player_y": (140, 144), "opponent_y": (16, 20)}   # field pixels [from, to)
 
 
@@ -1224,8 +1242,8 @@ def pong_paddle_readback(x: torch.Tensor) -> dict:
     for name, (lo, hi) in PONG_PADDLE_COLUMNS.items():
         cols = slice(lo * size // 160, -(-hi * size // 160))
         v = x[:, 0, :, cols].amax(dim=2)                                         # (N, S)
-        w = ((v - background) / (PONG_GREY["paddle"] - PONG_GREY["background"])).clamp(0, 1)
-        w[v > (PONG_GREY["paddle"] + PONG_GREY["ball"]) / 2] = 0
+        w = ((v - background) / (PONG_LEVELS["paddle"] - PONG_LEVELS["background"])).clamp(0, 1)
+        w[v > (PONG_LEVELS["paddle"] + PONG_LEVELS["ball"]) / 2] = 0
         total = w.sum(dim=1)
         centre = (w * rows).sum(dim=1) / total.clamp_min(1e-9)
         out[name] = torch.where(total >= 1, centre, torch.nan)
@@ -1244,7 +1262,7 @@ def pong_ball_readback(x: torch.Tensor) -> torch.Tensor:
     best, where = img.flatten(1).max(dim=1)
     xy = torch.stack([_field_pixels(where % size, size), _field_pixels(where // size, size)], dim=1)
     background = x.flatten(1).median(dim=1).values
-    seen = best - background > (PONG_GREY["ball"] - PONG_GREY["background"]) / 4
+    seen = best - background > (PONG_LEVELS["ball"] - PONG_LEVELS["background"]) / 4
     return torch.where(seen[:, None], xy, torch.nan)
 
 

@@ -53,7 +53,7 @@ def test_preprocessing_keeps_the_ball_where_a_plain_resize_loses_it(played):
     in_play = np.isfinite(factors[:, 0])
     small = pvae.pong_preprocess(screens[in_play], 64)                        # (n, 1, 64, 64)
     assert small.shape[1:] == (1, 64, 64)
-    ball_grey = np.dot(BALL, [0.299, 0.587, 0.114]) / 255
+    ball_grey = pvae.PONG_LEVELS["ball"]
     resized = F.interpolate(pvae.pong_preprocess(screens[in_play], 160), size=64, mode="bilinear",
                             antialias=True)
     kept = lost_by_resize = 0
@@ -74,7 +74,7 @@ def test_load_pong_caches_and_splits(tmp_path):
     assert 0 <= data.x_train.min() and data.x_train.max() <= 1
     again = pvae.load_pong(60, seed=2, root=tmp_path, size=32)
     assert torch.equal(again.x_test, data.x_test)
-    assert (tmp_path / "pong-60-2-4-32.pt").is_file()
+    assert (tmp_path / f"pong{pvae.PONG_CACHE_VERSION}-60-2-4-32.pt").is_file()
     with pytest.raises(ValueError, match="load_pong: n_frames got 1"):
         pvae.load_pong(1)
 
@@ -104,7 +104,7 @@ def test_readback_follows_a_moved_paddle_and_misses_an_empty_field(fields):
     before = pvae.pong_paddle_readback(x[i:i + 1])["player_y"]
     after = pvae.pong_paddle_readback(shifted)["player_y"]
     assert after - before == pytest.approx(20.0, abs=0.01)
-    empty = torch.full_like(x[:3], pvae.PONG_GREY["background"])
+    empty = torch.full_like(x[:3], pvae.PONG_LEVELS["background"])
     assert torch.isnan(pvae.pong_paddle_readback(empty)["player_y"]).all()
     assert torch.isnan(pvae.pong_ball_readback(empty)).all()
     acc = pvae.pong_readback_accuracy(empty, factors[:3])
@@ -166,3 +166,28 @@ def test_pong_preset_trains_a_step_on_real_frames(fields):
     model = pvae.PartitionVAE(config)
     history = pvae.train(model, x[:32], x[32:48], progress=False)
     assert np.isfinite(history["test_mse"][0]) and model(x[:2])[0].shape == (2, 1, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def small_pong(tmp_path_factory):
+    """5,000 real frames at 32x32, as in the comparison, cached in a temporary folder (~3 s)."""
+    return pvae.load_pong(5000, seed=0, root=tmp_path_factory.mktemp("pong"), size=32)
+
+
+def test_sparse_frames_train_only_with_the_output_bias_started_near_the_mean(small_pong):
+    """Regression: Pong frames are 99% black. With the output sigmoid started at 0.5 the first
+    steps push it so far below 0 that its gradient vanishes: the model draws an empty field and
+    the KL goes to 0 (seen with the first table-tennis preset). Started near the mean pixel
+    (output_bias_init=-5, the presets' setting) the same run uses its latent."""
+    data = small_pong
+    results = {}
+    for bias in (None, -5.0):
+        pvae.set_seed(0)
+        model = pvae.PartitionVAE(pvae.preset("compare_pvae", output_bias_init=bias, epochs=2))
+        history = pvae.train(model, data.x_train, data.x_test, progress=False)
+        results[bias] = history["test_kl"][-1], history["test_recon"][-1]
+    empty_field = float(data.x_test.pow(2).sum(dim=(1, 2, 3)).mean())   # recon of drawing nothing
+    kl, recon = results[None]
+    assert kl < 0.5 and recon > 0.9 * empty_field, results
+    kl, recon = results[-5.0]
+    assert kl > 3 and recon < 0.9 * empty_field, (results, empty_field)
