@@ -581,6 +581,14 @@ def pong_preprocess(screens: np.ndarray, size: int = 64) -> torch.Tensor:
     max-pooling, so the 2x4-pixel ball keeps at least one pixel at any size. Plain grey would
     leave the paddles 0.24 above the background, too faint a signal for a VAE: it collapsed to
     an empty field on them."""
+    if not (isinstance(screens, np.ndarray) and screens.dtype == np.uint8
+            and screens.ndim == 4 and screens.shape[1:] == (210, 160, 3)):
+        got = (f"{screens.dtype} array of shape {screens.shape}" if isinstance(screens, np.ndarray)
+               else type(screens).__name__)
+        raise ValueError(f"pong_preprocess: screens got {got}; expected a uint8 NumPy array "
+                         "(N, 210, 160, 3) of RGB Atari screens (one screen: screens[None])")
+    if not (_is_int(size) and size >= 1):
+        raise ValueError(f"pong_preprocess: size got {size!r}; expected a positive integer")
     field_ = torch.from_numpy(screens[:, PONG_FIELD_ROWS[0]:PONG_FIELD_ROWS[1]]).float()
     objects = (field_ - torch.tensor(PONG_BACKGROUND_RGB)).abs().amax(dim=-1) > 24   # (N, 160, 160)
     white = field_.amin(dim=-1) > 200
@@ -623,6 +631,7 @@ def load_pong(n_frames: int = 5000, seed: int = 0, root="data", *, size: int = 6
     for name, value, low in (("n_frames", n_frames, 2), ("size", size, 8), ("frame_skip", frame_skip, 1)):
         if not (_is_int(value) and value >= low):
             raise ValueError(f"load_pong: {name} got {value!r}; expected an integer >= {low}")
+    _check_test_fraction("load_pong", test_fraction)
     cache = _resolve(root) / f"pong{PONG_CACHE_VERSION}-{n_frames}-{seed}-{frame_skip}-{size}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
@@ -634,10 +643,16 @@ def load_pong(n_frames: int = 5000, seed: int = 0, root="data", *, size: int = 6
     x, factors = blob["x"].float() / 255, blob["y"]
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n_frames))
     x, y = x[order], factors[order].float()
-    n_test = max(1, round(test_fraction * n_frames))
+    n_test = min(n_frames - 1, max(1, round(test_fraction * n_frames)))
     return ImageData(x[n_test:], y[n_test:], x[:n_test], y[:n_test],
                      f"Atari Pong, {n_frames} frames (random policy, seed {seed}, frame skip "
                      f"{frame_skip}), split {n_frames - n_test} / {n_test}", PONG_FACTORS)
+
+
+def _check_test_fraction(where: str, test_fraction) -> None:
+    if not (_is_number(test_fraction) and 0 < test_fraction < 1):
+        raise ValueError(f"{where}: test_fraction got {test_fraction!r}; expected a number "
+                         "strictly between 0 and 1")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -666,9 +681,7 @@ def load_image_folder(path, size: tuple, *, grayscale: bool = False, test_fracti
                          f"ending in {IMAGE_SUFFIXES}")
     if not (len(size) == 2 and all(_is_int(v) and v >= 1 for v in size)):
         raise ValueError(f"load_image_folder: size got {size!r}; expected (height, width)")
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"load_image_folder: test_fraction got {test_fraction!r}; expected a "
-                         "number between 0 and 1")
+    _check_test_fraction("load_image_folder", test_fraction)
     images = []
     for f in files:
         try:
@@ -809,7 +822,8 @@ def autocast_dtype(device: torch.device, amp: str = "auto"):
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 only (Ampere and newer): an emulated one (a T4) is slower than fp16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -1222,6 +1236,16 @@ def trace_shapes(model: PartitionVAE, x: torch.Tensor) -> list:
 PONG_PADDLE_COLUMNS = {"player_y": (140, 144), "opponent_y": (16, 20)}   # field pixels [from, to)
 
 
+def _check_play_fields(x, where: str) -> None:
+    """Raise ValueError unless x is a float tensor (N, 1, S, S) of play fields."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim == 4
+            and x.shape[1] == 1 and x.shape[2] == x.shape[3]):
+        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) \
+            else type(x).__name__
+        raise ValueError(f"{where}: x got {got}; expected a float tensor (N, 1, S, S) of play "
+                         "fields in [0, 1] (pong_preprocess or a reconstruction)")
+
+
 def _field_pixels(index: torch.Tensor, size: int) -> torch.Tensor:
     """Centres of rows / columns of a size-pixel image, in pixels of the 160-pixel field."""
     return (index.float() + 0.5) * (160 / size)
@@ -1235,6 +1259,7 @@ def pong_paddle_readback(x: torch.Tensor) -> dict:
     (the background), as a fraction of the paddle's contrast, clipped to [0, 1]; rows brighter
     than half-way to the ball count 0 (the ball passing). The centre is the weighted mean row;
     with less than one row's weight in all there is no paddle."""
+    _check_play_fields(x, "pong_paddle_readback")
     size = x.shape[-1]
     background = x.flatten(1).median(dim=1).values[:, None]                      # (N, 1)
     rows = _field_pixels(torch.arange(size), size)
@@ -1255,6 +1280,7 @@ def pong_ball_readback(x: torch.Tensor) -> torch.Tensor:
     x (N, 1, S, S) as the brightest pixel outside the paddle columns; NaN where none stands out
     from the background (the image's median) by a quarter of the ball's contrast. A quarter, not
     more, because subresolution blurs the 1x2-pixel ball over a 2x2 block (f=2)."""
+    _check_play_fields(x, "pong_ball_readback")
     size = x.shape[-1]
     img = x[:, 0].clone()
     for lo, hi in PONG_PADDLE_COLUMNS.values():
@@ -1273,7 +1299,11 @@ def pong_readback_accuracy(x: torch.Tensor, factors: torch.Tensor, tolerance: fl
     Paddles count on frames where the RAM puts the whole 16-row paddle inside the field (centre
     8..152); the ball on frames where it is in play, within tolerance in both x and y. A paddle
     or ball not seen counts as a miss. Returns {object: {"frames", "within", "median_error"}}."""
+    _check_play_fields(x, "pong_readback_accuracy")
     factors = torch.as_tensor(factors, dtype=torch.float32)
+    if factors.shape != (len(x), len(PONG_FACTORS)):
+        raise ValueError(f"pong_readback_accuracy: factors got shape {tuple(factors.shape)}; "
+                         f"expected ({len(x)}, {len(PONG_FACTORS)}), one row of PONG_FACTORS per field")
     paddles = pong_paddle_readback(x)
     out = {}
     for name, column in (("player_y", 2), ("opponent_y", 3)):
@@ -1514,6 +1544,11 @@ def interpretability_metrics(model: PartitionVAE, data: ImageData, factors=POSIT
     bins: 10, not the usual 20, because 500 frames would bias 400 cells upwards). DCI and MIG
     use the factors the frames show (``factors``; the scores are off the cropped field); the
     factor map has them all."""
+    if isinstance(factors, str) or not all(isinstance(f, str) for f in factors) or not factors:
+        raise ValueError(f"factors: got {factors!r}; expected a non-empty tuple of factor names "
+                         f"from {data.label_names}")
+    if not (_is_int(bins) and bins >= 2):
+        raise ValueError(f"bins: got {bins!r}; expected an integer >= 2")
     missing = [f for f in factors if f not in data.label_names]
     if missing:
         raise ValueError(f"factors: {missing} are not among the data's factors {data.label_names}")
@@ -1544,12 +1579,23 @@ def compare_models(data: ImageData, models: dict = None, seeds=(0, 1, 2), epochs
     loaded, an unfinished one resumed). ``epochs`` overrides every preset's (FAST runs).
     Returns {name: {"seeds": [...], "runs": [metrics per seed], "models": [model per seed]}}."""
     models = COMPARE_MODELS if models is None else models
+    if not (isinstance(models, dict) and models):
+        raise ValueError(f"models: got {models!r}; expected a non-empty dict {{name: preset name}}")
+    if isinstance(seeds, (str, bytes)) or not (hasattr(seeds, "__len__") and len(seeds) >= 1
+                                               and all(_is_int(s) for s in seeds)):
+        raise ValueError(f"seeds: got {seeds!r}; expected a non-empty list of integers, e.g. (0, 1, 2)")
+    missing = [f for f in POSITION_FACTORS if f not in data.label_names]
+    if missing:
+        raise ValueError(f"data: its factors {data.label_names} lack {missing}; the comparison "
+                         "needs frames with ground truth (load_pong), not unlabelled images")
+    configs = {name: preset(p, **({} if epochs is None else {"epochs": epochs})) for name, p in models.items()}
+    for name, config in configs.items():                      # every check before any training
+        if config.image_size != tuple(data.x_train.shape[-2:]):
+            raise ValueError(f"{name}: preset {models[name]!r} expects images {config.image_size}; "
+                             f"the data are {tuple(data.x_train.shape[-2:])}")
     out = {}
     for name, preset_name in models.items():
-        config = preset(preset_name, **({} if epochs is None else {"epochs": epochs}))
-        if config.image_size != tuple(data.x_train.shape[-2:]):
-            raise ValueError(f"{name}: preset {preset_name!r} expects images {config.image_size}; "
-                             f"the data are {tuple(data.x_train.shape[-2:])}")
+        config = configs[name]
         out[name] = {"seeds": list(seeds), "runs": [], "models": []}
         for seed in seeds:
             set_seed(seed)

@@ -180,3 +180,27 @@ def test_traversal_gif_has_one_frame_per_scale(tiny_config, images, tmp_path, mo
     path = pvae.save_traversal_gif(model, images(tiny_config, n=1)[0], 1, "t", scales=[-2, 0, 2], zoom=2)
     gif = Image.open(path)
     assert gif.n_frames == 3 and gif.size == (32, 32)
+
+
+def test_the_comparison_refuses_bad_arguments_before_training(tiny_config, images, tmp_path, monkeypatch):
+    """Every argument of compare_models and interpretability_metrics is checked before the first
+    model trains: nothing is written to the checkpoint folder."""
+    x = images(tiny_config, n=20)
+    y = torch.zeros(20, len(pvae.PONG_FACTORS))
+    frames = pvae.ImageData(x[:16], y[:16], x[16:], y[16:], "frames", pvae.PONG_FACTORS)
+    unlabelled = pvae.ImageData(x[:16], torch.full((16,), -1), x[16:], torch.full((4,), -1), "images")
+    monkeypatch.setitem(pvae.PRESETS, "tiny", tiny_config)
+    for kwargs, match in (({"seeds": 3}, r"seeds: got 3; expected a non-empty list of integers"),
+                          ({"seeds": ()}, r"seeds: got \(\); expected"),
+                          ({"models": ["PVAE"]}, r"models: got \['PVAE'\]; expected a non-empty dict"),
+                          ({"models": {"PVAE": "compare_pvae"}}, r"PVAE: preset 'compare_pvae' expects images \(32, 32\)")):
+        with pytest.raises(ValueError, match=match):
+            pvae.compare_models(frames, **{"models": {"tiny": "tiny"}, **kwargs}, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"data: its factors \(\) lack \['ball_x'"):
+        pvae.compare_models(unlabelled, models={"tiny": "tiny"}, checkpoint_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    model = pvae.PartitionVAE(tiny_config)
+    with pytest.raises(ValueError, match=r"factors: got 'ball_x'; expected a non-empty tuple"):
+        pvae.interpretability_metrics(model, frames, factors="ball_x")
+    with pytest.raises(ValueError, match=r"bins: got 0; expected an integer >= 2"):
+        pvae.interpretability_metrics(model, frames, bins=0)

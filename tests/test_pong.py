@@ -191,3 +191,26 @@ def test_sparse_frames_train_only_with_the_output_bias_started_near_the_mean(sma
     assert kl < 0.5 and recon > 0.9 * empty_field, results
     kl, recon = results[-5.0]
     assert kl > 3 and recon < 0.9 * empty_field, (results, empty_field)
+
+
+def test_pong_functions_name_bad_input(played, fields, tmp_path):
+    screens, _ = played
+    x, factors = fields
+    for bad, got in ((screens[0], r"uint8 array of shape \(210, 160, 3\)"),
+                     (screens[:2].astype(np.float32), r"float32 array of shape \(2, 210, 160, 3\)"),
+                     (torch.from_numpy(screens[:2]), "Tensor")):
+        with pytest.raises(ValueError, match=f"pong_preprocess: screens got {got}; expected a uint8"):
+            pvae.pong_preprocess(bad)
+    with pytest.raises(ValueError, match=r"pong_preprocess: size got 32.0; expected a positive integer"):
+        pvae.pong_preprocess(screens[:2], 32.0)
+    for fn in (pvae.pong_paddle_readback, pvae.pong_ball_readback):
+        with pytest.raises(ValueError, match=r"x got ndarray; expected a float tensor \(N, 1, S, S\)"):
+            fn(x.numpy())
+        with pytest.raises(ValueError, match=r"x got torch.float32 tensor of shape \(1, 64, 64\)"):
+            fn(x[0])
+    with pytest.raises(ValueError, match=r"factors got shape \(3, 4\); expected \(5, 6\)"):
+        pvae.pong_readback_accuracy(x[:5], factors[:3, :4])
+    for fraction in (0, 1.0, "0.1"):
+        with pytest.raises(ValueError, match=f"load_pong: test_fraction got {fraction!r}"):
+            pvae.load_pong(20, root=tmp_path, test_fraction=fraction)
+    assert list(tmp_path.iterdir()) == []                     # refused before any frame is played
