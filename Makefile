@@ -1,4 +1,4 @@
-# make reproduce : run notebooks 01-04 headless with the full configuration, write figures/
+# make reproduce : run notebooks 01-05 headless with the full configuration, write figures/
 # make test      : unit tests plus every notebook in FAST mode
 # Both create .venv and install requirements.txt first when needed.
 PYTHON ?= python3

@@ -812,8 +812,9 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 def autocast_dtype(device: torch.device, amp: str = "auto"):
     """The autocast dtype for ``amp`` on ``device``, or None for full float32.
 
-    "auto": bfloat16 on a CUDA GPU that supports it, float16 (with a gradient scaler) on an
-    older one, None on the CPU (measured slower there, see benchmarks/bench_train.py);
+    "auto": bfloat16 on a CUDA GPU that supports it natively, float16 (with a gradient scaler)
+    on an older one, None on the CPU (bf16 there measured 1.2x faster in one short benchmark
+    run, but not validated over a full training run; see the README's speed section);
     "bf16" / "fp16" force that dtype on any device (tests use it to exercise the GPU code path
     on the CPU); "off": None.
     """
