@@ -623,7 +623,7 @@ def load_pong(n_frames: int = 5000, seed: int = 0, root="data", *, size: int = 6
               frame_skip: int = 4, test_fraction: float = 0.1) -> ImageData:
     """Atari Pong frames with ground-truth factors, generated offline from the ROM ale-py ships.
 
-    x: (N, 1, size, size) grey play fields (pong_preprocess); y: (N, 6) factors named in
+    x: (N, 1, size, size) play fields, objects on black (pong_preprocess); y: (N, 6) factors named in
     PONG_FACTORS (pong_factors: pixel positions in the 160x160 field, NaN ball when out of
     play, scores). Shuffled with ``seed`` and split (1 - test_fraction) / test_fraction. Cached
     in ``root/pong<version>-<n_frames>-<seed>-<frame_skip>-<size>.pt``.
@@ -707,7 +707,7 @@ SPORTS10_DIR = "data/sports10/table_tennis"   # where notebook 01 tells users to
 
 def load_table_tennis(folder=SPORTS10_DIR, n_frames: int = 5000, seed: int = 0, root="data",
                       size: int = 64, verbose: bool = True) -> ImageData:
-    """The table-tennis images every table-tennis section trains on: grey (N, 1, size, size).
+    """The table-tennis images every table-tennis section trains on: one channel (N, 1, size, size).
 
     If ``folder`` (relative paths: from the repository) exists, the Sports10 table-tennis images
     a user downloaded, through load_image_folder (labels -1: no ground truth). Otherwise Atari
@@ -1233,7 +1233,7 @@ def trace_shapes(model: PartitionVAE, x: torch.Tensor) -> list:
     return shapes
 
 
-# Table-tennis read-back: where a (reconstructed) grey play field puts the paddles and the ball.
+# Table-tennis read-back: where a (reconstructed) play field puts the paddles and the ball.
 PONG_PADDLE_COLUMNS = {"player_y": (140, 144), "opponent_y": (16, 20)}   # field pixels [from, to)
 
 
@@ -1253,7 +1253,7 @@ def _field_pixels(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def pong_paddle_readback(x: torch.Tensor) -> dict:
-    """Paddle centres read from grey play fields x (N, 1, S, S), as PONG_FACTORS' player_y and
+    """Paddle centres read from play fields x (N, 1, S, S), as PONG_FACTORS' player_y and
     opponent_y: {name: (N,) rows in field pixels, NaN where no paddle is seen}.
 
     In the paddle's columns, each row's paddle weight is its brightness above the image's median
@@ -1277,7 +1277,7 @@ def pong_paddle_readback(x: torch.Tensor) -> dict:
 
 
 def pong_ball_readback(x: torch.Tensor) -> torch.Tensor:
-    """Ball centre (N, 2) as (ball_x, ball_y) in field pixels, read from grey play fields
+    """Ball centre (N, 2) as (ball_x, ball_y) in field pixels, read from play fields
     x (N, 1, S, S) as the brightest pixel outside the paddle columns; NaN where none stands out
     from the background (the image's median) by a quarter of the ball's contrast. A quarter, not
     more, because subresolution blurs the 1x2-pixel ball over a 2x2 block (f=2)."""
