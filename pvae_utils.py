@@ -404,6 +404,10 @@ def partition_tc(mu: torch.Tensor, logvar: torch.Tensor, partitions) -> torch.Te
     logvar. Biased upwards when the posteriors are sharp against the spread of the batch (each z
     then matches only its own component; the estimate tends to (P - 1) log B) and can dip below 0
     for small batches. Zero for one partition."""
+    if sum(partitions) != mu.shape[-1] or mu.shape != logvar.shape:
+        raise ValueError(f"partition_tc: partitions {tuple(partitions)} sum to {sum(partitions)}, "
+                         f"mu has shape {tuple(mu.shape)} and logvar {tuple(logvar.shape)}; expected "
+                         "mu and logvar of one shape (B, L) with L = sum(partitions)")
     b = len(mu)
     z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)                     # (B, L)
     # log N(z_n; mu_m, exp(logvar_m)) per unit, for every pair (n, m): (B, B, L)
@@ -1015,7 +1019,7 @@ def _read_checkpoint(path) -> dict:
                 "whole model saved with torch.save(model)); loading it would execute code. "
                 "Re-save the weights with pvae_utils.save_checkpoint.") from None
         raise ValueError(f"load_checkpoint: {path} is not a readable PVAE checkpoint (truncated or "
-                         f"corrupt?): {type(err).__name__}: {text.splitlines()[0] if text else ''}"
+                         f"corrupt?): {type(err).__name__}: {_first_line_without_unsafe_advice(text)}"
                          ) from None
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"load_checkpoint: {path} is not a PVAE checkpoint (no "
@@ -1029,6 +1033,15 @@ def _read_checkpoint(path) -> dict:
     if missing:
         raise ValueError(f"load_checkpoint: {path} is damaged: missing entries {missing}")
     return blob
+
+
+def _first_line_without_unsafe_advice(text: str) -> str:
+    """torch.load's first error line, unless it is torch's advice to retry with
+    weights_only=False (unsafe: it executes the file's code); then the last line, the cause."""
+    lines = [l for l in text.splitlines() if l.strip()]
+    if not lines:
+        return ""
+    return lines[-1] if "weights_only" in lines[0] else lines[0]
 
 
 def config_differences(a: PVAEConfig, b: PVAEConfig) -> dict:
@@ -1114,6 +1127,7 @@ def _device_of(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def latent_means(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
     """The latent means mu (N, L) of images x (N, C, H, W), as a NumPy array."""
+    check_shape(x, model.config, "latent_means: x")
     model.eval()
     device = _device_of(model)
     return torch.cat([model.encode(x[i:i + batch_size].to(device))[0].cpu()
@@ -1123,6 +1137,7 @@ def latent_means(model: PartitionVAE, x: torch.Tensor, batch_size: int = 1000) -
 @torch.no_grad()
 def reconstruct(model: PartitionVAE, x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> reconstruction from the mean, (B, C, H, W) on the CPU."""
+    check_shape(x, model.config, "reconstruct: x")
     model.eval()
     return model(x.to(_device_of(model)))[0].cpu()
 
@@ -1185,6 +1200,11 @@ def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> f
 def subres_floor(x: torch.Tensor, factor: int, mode: str = "nearest-exact") -> torch.Tensor:
     """x (N, C, H, W) average-pooled by ``factor`` and upsampled back with ``mode``: what a
     decoder working at 1/f can at best draw (exactly so for nearest upsampling)."""
+    if not (_is_int(factor) and factor >= 1 and x.shape[-1] % factor == 0 and x.shape[-2] % factor == 0):
+        raise ValueError(f"subres_floor: factor got {factor!r}; expected a positive integer that "
+                         f"divides the image size {tuple(x.shape[-2:])}")
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"subres_floor: mode got {mode!r}; expected one of {UPSAMPLE_MODES}")
     return F.interpolate(F.avg_pool2d(x, factor), size=x.shape[-2:], mode=mode)
 
 

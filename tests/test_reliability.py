@@ -256,3 +256,23 @@ def test_traversal_scales_must_be_finite_numbers(tiny_config, images, scales):
 def test_correlation_plot_checks_partitions_against_the_latent():
     with pytest.raises(ValueError, match=r"partitions: got \(4, 3\) \(sum 7\) for 10 latent units"):
         pvae.plot_latent_correlation(np.random.default_rng(0).normal(size=(20, 10)), (4, 3))
+
+
+def test_analysis_helpers_name_bad_input(tiny_config, images, tmp_path):
+    """Found by a new-user trial: these used to return a wrong number or fail inside torch."""
+    x = images(tiny_config, n=4)
+    model = pvae.PartitionVAE(tiny_config)
+    with pytest.raises(ValueError, match=r"partition_tc: partitions \(4, 3\) sum to 7, mu has shape \(2, 10\)"):
+        pvae.partition_tc(torch.zeros(2, 10), torch.zeros(2, 10), (4, 3))
+    with pytest.raises(ValueError, match=r"subres_floor: factor got 3; expected a positive integer that divides"):
+        pvae.subres_floor_mse(x, 3)
+    with pytest.raises(ValueError, match=r"subres_floor: mode got 'cubic'; expected one of"):
+        pvae.subres_floor(x, 2, "cubic")
+    for fn in (pvae.reconstruct, pvae.latent_means):
+        with pytest.raises(ValueError, match=r"x: got ndarray; expected a torch.Tensor"):
+            fn(model, x.numpy())
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PVAE checkpoint") as err:
+        pvae.load_checkpoint(bad)
+    assert "weights_only=False" not in str(err.value)        # never advise the unsafe load
