@@ -836,6 +836,29 @@ def autocast_dtype(device: torch.device, amp: str = "auto"):
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def place(model: PartitionVAE, device, channels_last: bool | None = None) -> PartitionVAE:
+    """The model moved to ``device`` (in place, also returned) in the layout measured fastest
+    there. ``channels_last`` None: the 4-D conv weights channels-last on the CPU, where
+    oneDNN's convolutions and max-pooling run faster in that layout (an epoch of the MNIST
+    default 1.1x, of table tennis 1.2x, evaluation 1.5x; README, "Speed"); PyTorch's default
+    layout on other devices, where it is not measured yet. Values are unchanged."""
+    device = torch.device(device)
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device, memory_format=layout)
+
+
+def make_optimizer(model: PartitionVAE, fused: bool | None = None) -> torch.optim.Adam:
+    """Adam with the config's learning rate over every parameter. ``fused`` None: the fused
+    kernel (one call for all parameters) on the CPU, where PyTorch otherwise loops over the
+    parameters in Python (an epoch of the MNIST default, batch 32: 1.3x faster); PyTorch's
+    default on other devices. Call after ``place``: the kernel runs where the weights are."""
+    if fused is None:
+        fused = _device_of(model).type == "cpu"
+    return torch.optim.Adam(model.parameters(), lr=model.config.lr, fused=fused or None)
+
+
 def _autocast(device: torch.device, dtype):
     """torch.autocast for ``dtype`` on ``device``; a no-op context when dtype is None."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -879,7 +902,9 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     """Train with Adam (lr, batch size and epochs from model.config) and return the history.
 
     train_data, test_data: images (N, C, H, W) in [0, 1], validated before any work. Both live on
-    the device; batches are drawn by indexing a random permutation. Training inputs get Gaussian
+    the device; batches are drawn by indexing a random permutation. The model is moved there by
+    ``place`` and trained by ``make_optimizer``'s Adam (on the CPU: channels-last weights and the
+    fused Adam kernel, measured faster; the same training to float32 rounding). Training inputs get Gaussian
     noise (config.noise_std, clamped to [0, 1]); the loss compares with the clean image.
     After every epoch the whole test set is evaluated (decoding the mean) and, when
     ``checkpoint_path`` is given, a checkpoint is written atomically: weights, optimiser state,
@@ -908,10 +933,10 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     check_images(test_data, cfg, "test_data")
     device = _check_device(device)
     dtype = autocast_dtype(device, amp)
-    model.to(device)
+    place(model, device)
     x_train = train_data.to(device, next(model.parameters()).dtype)
     x_test = test_data.to(device, next(model.parameters()).dtype)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history = {k: [] for k in HISTORY_KEYS}
     if resume and Path(checkpoint_path).is_file():
@@ -1078,7 +1103,7 @@ def load_checkpoint(path, device="cpu", model: PartitionVAE | None = None) -> tu
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as err:
         raise ValueError(f"load_checkpoint: {path} is damaged: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), history
+    return place(model, device).eval(), history
 
 
 def _restore_training(path, model: PartitionVAE, opt) -> dict:

@@ -13,9 +13,12 @@ along the way (for the loss-curve figure). Runs:
   tradeoff     the MNIST default and the table-tennis preset, f in {1, 2, 4} x both upsampling modes
   pipeline     the report's MNIST architecture at batch 64: our data path (tensors on the device,
                batches by indexing, noise on the device) against the conventional one (a
-               torchvision-style dataset with a PIL image and ToTensor per item, a DataLoader)
+               torchvision-style dataset with a PIL image and ToTensor per item, a DataLoader),
+               in training and for the data alone (batches made, no model)
   variants     the report's Figure 9: latent 6 / 10 / 20 at f = 2, and without subresolution
-  cpu          what helps on a CPU: threads, channels-last, batch size, torch.compile
+  cpu          what helps on a CPU: the layout and Adam kernel that train() picks against
+               PyTorch's defaults, threads, bf16, batch size, torch.compile (on CUDA: AMP,
+               channels-last, fused Adam, batch size, torch.compile)
 
 Prints a table per group and writes benchmarks/results/bench_train_<device>.json,
 figures/subresolution_tradeoff.png and figures/report_variants_loss.png (CPU runs; a GPU run
@@ -73,6 +76,20 @@ def _batches(spec: dict, x_train: torch.Tensor, batch_size: int, device: torch.d
             yield xb.to(device, non_blocking=True)
 
 
+def _data_only(batches, n_train: int, device: torch.device, seconds: float = 2.0) -> float:
+    """Images per second of the data path alone (batches made and on the device, no model),
+    over whole epochs until ``seconds`` have passed."""
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        epoch = 0
+        while epoch < n_train:
+            epoch += len(next(batches))
+        images += epoch
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
 def _load(spec: dict) -> pvae.ImageData:
     if spec["preset"].startswith("mnist"):
         return pvae.load_mnist(verbose=False)
@@ -93,22 +110,26 @@ def run_one(spec: dict) -> dict:
     data = _load(spec)
     config = pvae.preset(spec["preset"], **spec.get("changes", {}))
     pvae.set_seed(0)
-    model = pvae.PartitionVAE(config).to(device)
-    memory_format = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    x_train = data.x_train.to(device).contiguous(memory_format=memory_format)
-    x_test = data.x_test.to(device).contiguous(memory_format=memory_format)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = pvae.place(pvae.PartitionVAE(config), device, spec.get("channels_last"))
+    x_train, x_test = data.x_train.to(device), data.x_test.to(device)
+    opt = pvae.make_optimizer(model, spec.get("fused"))      # None: what train() uses
     dtype = pvae.autocast_dtype(device, spec.get("amp", "auto"))
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     runner = torch.compile(model) if spec.get("compile") else model
     batches = _batches(spec, x_train, config.batch_size, device)
+    data_ips = _data_only(batches, len(x_train), device) if "pipeline" in spec else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     budget, warmup = spec["budget"], spec.get("warmup_steps", 5)
     checkpoints = np.linspace(budget / spec.get("curve_points", 8), budget, spec.get("curve_points", 8))
     curve, trained, images, steps, step_log = [], 0.0, 0, 0, []
     model.train()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(warmup):          # compilation and first-call costs: not in the budget
+        pvae.train_step(runner, opt, next(batches), dtype=dtype, scaler=scaler, where="warm-up")
+    _sync(device)
+    warmup_seconds = time.perf_counter() - start
     while trained < budget:
         _sync(device)
         start = time.perf_counter()
@@ -128,13 +149,14 @@ def run_one(spec: dict) -> dict:
         final = pvae.evaluate(model, x_test, amp=spec.get("amp", "auto"))
         _sync(device)
         eval_seconds.append(time.perf_counter() - start)
-    timed = np.array(step_log[warmup:] if len(step_log) > 2 * warmup else step_log)  # warm-up left out
+    timed = np.array(step_log)
     train_ips = timed[:, 0].sum() / timed[:, 1].sum()
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"train_images_per_s": train_ips, "eval_images_per_s": len(x_test) / min(eval_seconds),
             "seconds_per_epoch": len(x_train) / train_ips, "seconds_per_60k": 60000 / train_ips,
             "peak_memory_mb": peak / 2 ** 20, "test_mse": final["mse"], "test_kl": final["kl"],
+            "data_only_images_per_s": data_ips, "warmup_steps": warmup, "warmup_seconds": warmup_seconds,
             "trained_seconds": trained, "images_seen": images, "epochs_seen": images / len(x_train),
             "curve": curve, "n_train": len(x_train), "data": data.source,
             "floor_mse": pvae.subres_floor_mse(data.x_test, config.subres_factor, config.upsample_mode)}
@@ -158,18 +180,21 @@ def specs(args) -> dict:
     for latent, parts in MNIST_LATENTS.items():
         groups["variants"][f"latent {latent}, f=2"] = {**base, "preset": "mnist", "changes": {"partitions": parts}}
     groups["variants"]["latent 10, f=1 (no subresolution)"] = {**base, "preset": "mnist", "changes": {"subres_factor": 1}}
+    short = {**base, "preset": "mnist", "budget": args.budget / 2}
     if args.device == "cpu":
-        short = {**base, "preset": "mnist", "budget": args.budget / 2}
-        groups["cpu"] = {"2 threads (default)": {**short, "threads": 2},
+        groups["cpu"] = {"default: channels-last, fused Adam": short,
+                         "contiguous layout": {**short, "channels_last": False},
+                         "for-loop Adam": {**short, "fused": False},
+                         "neither (PyTorch's defaults)": {**short, "channels_last": False, "fused": False},
                          "1 thread": {**short, "threads": 1},
-                         "channels-last": {**short, "channels_last": True},
                          "bf16 autocast": {**short, "amp": "bf16"},
                          "batch 64": {**short, "changes": {"batch_size": 64}},
                          "batch 128": {**short, "changes": {"batch_size": 128}},
                          "torch.compile": {**short, "compile": True, "warmup_steps": 20}}
     else:
-        short = {**base, "preset": "mnist", "budget": args.budget / 2}
         groups["cpu"] = {"amp auto (default)": short, "amp off (float32)": {**short, "amp": "off"},
+                         "channels-last": {**short, "channels_last": True},
+                         "fused Adam": {**short, "fused": True},
                          "batch 256": {**short, "changes": {"batch_size": 256}},
                          "torch.compile": {**short, "compile": True, "warmup_steps": 20}}
     if args.only:
@@ -213,8 +238,9 @@ def plot_tradeoff(results: dict, path: Path) -> None:
             axes[0, col].plot(fs, [r["seconds_per_epoch"] for _, r in runs], "o-", color=colour, label=mode)
             axes[1, col].plot(fs, [r["test_mse"] for _, r in runs], "o-", color=colour,
                               label=f"{mode}: model after {runs[0][1]['trained_seconds']:.0f} s")
-            axes[1, col].plot(fs, [r["floor_mse"] for _, r in runs], "--", color=colour,
-                              label=f"{mode}: floor (input down+up-sampled)")
+            floor = [(f, r["floor_mse"]) for f, r in runs if f > 1]   # f=1: 0, off a log axis
+            axes[1, col].plot(*zip(*floor), "--", color=colour,
+                              label=f"{mode}: floor (input down+up-sampled; 0 at f=1)")
         n = next(r["n_train"] for name, r in results.items() if name.startswith(preset + " "))
         axes[0, col].set(title=f"{preset}: time per epoch ({n} images)", ylabel="seconds per epoch",
                          xticks=[1, 2, 4], ylim=(0, None))
@@ -269,7 +295,12 @@ def main(argv=None) -> dict:
     if len(pipe) == 2:
         tensor, loader = pipe.values()
         report["pipeline_speedup"] = tensor["train_images_per_s"] / loader["train_images_per_s"]
-        print(f"\nour data path / conventional pipeline: {report['pipeline_speedup']:.2f}x images per second")
+        report["pipeline_data_only_speedup"] = (tensor["data_only_images_per_s"]
+                                                / loader["data_only_images_per_s"])
+        print(f"\nour data path / conventional pipeline: {report['pipeline_speedup']:.2f}x images "
+              f"per second in training; the data alone (no model) "
+              f"{tensor['data_only_images_per_s']:.0f} / {loader['data_only_images_per_s']:.0f} = "
+              f"{report['pipeline_data_only_speedup']:.0f}x")
     trade = report["groups"].get("tradeoff", {})
     for preset in ("mnist", "pong"):
         for mode in ("nearest-exact", "bilinear"):

@@ -61,6 +61,40 @@ def test_compiled_training_matches_eager_training(tiny_config, images):
     assert runs[1] == pytest.approx(runs[0], rel=1e-3)
 
 
+def test_the_cpu_fast_path_is_the_same_training_to_rounding(tiny_config, images):
+    """place() (channels-last conv weights on the CPU) and make_optimizer() (fused Adam there)
+    change the speed, not the model: 10 steps from the same start give the weights and losses
+    of PyTorch's default layout and for-loop Adam, to float32 rounding."""
+    x = images(tiny_config, n=32)
+    runs = []
+    for fast in (True, False):
+        pvae.set_seed(0)
+        model = pvae.place(pvae.PartitionVAE(tiny_config), "cpu", channels_last=fast)
+        opt = pvae.make_optimizer(model, fused=fast)
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        layout = torch.channels_last if fast else torch.contiguous_format
+        assert all(w.is_contiguous(memory_format=layout) for w in convs)
+        assert any(w.is_contiguous() != fast for w in convs)    # some weight really differs
+        assert opt.defaults["fused"] == (True if fast else None)
+        losses = [pvae.train_step(model, opt, x[i % 4 * 8:(i % 4 + 1) * 8])[0].item() for i in range(10)]
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    for fast, slow in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_train_and_load_use_the_fast_path_and_checkpoints_move_between_layouts(tiny_config, images, tmp_path):
+    x = images(tiny_config, n=16)
+    model = pvae.PartitionVAE(tiny_config.replace(epochs=1))
+    pvae.train(model, x, x[:8], progress=False, checkpoint_path=tmp_path / "m.pt")
+    assert model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    loaded, _ = pvae.load_checkpoint(tmp_path / "m.pt")
+    assert loaded.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = pvae.place(pvae.PartitionVAE(tiny_config.replace(epochs=1)), "cpu", channels_last=False)
+    pvae.load_checkpoint(tmp_path / "m.pt", model=plain)     # a channels-last file into a plain model
+    torch.testing.assert_close(pvae.reconstruct(plain, x[:4]), pvae.reconstruct(loaded, x[:4]))
+
+
 def test_the_benchmark_runs_and_writes_its_json(tmp_path):
     """benchmarks/bench_train.py end to end on a tiny budget (its numbers are not checked here:
     a benchmark is not a timed test), both data pipelines, one fresh process per run."""
@@ -78,3 +112,5 @@ def test_the_benchmark_runs_and_writes_its_json(tmp_path):
     assert len(runs) == 2 and saved["pipeline_speedup"] == pytest.approx(report["pipeline_speedup"])
     for r in runs.values():
         assert r["train_images_per_s"] > 0 and r["peak_memory_mb"] > 50 and 0 < r["test_mse"] < 1
+        assert r["data_only_images_per_s"] > r["train_images_per_s"]    # the model costs time
+    assert saved["pipeline_data_only_speedup"] > 1                     # no per-item Python work
