@@ -14,13 +14,15 @@ def digest(path):
 
 def test_round_trip_rebuilds_the_model_from_the_file_alone(tiny_config, images, tmp_path):
     cfg = tiny_config.replace(upsample_mode="bilinear", partitions=(3, 2))
-    model = pvae.PartitionVAE(cfg).eval()
+    model = pvae.place(pvae.PartitionVAE(cfg), "cpu").eval()  # the layout load_checkpoint gives
     history = {"epoch": [1], "test_mse": [0.5]}
     path = pvae.save_checkpoint(tmp_path / "run.pt", model, history)
     raw = torch.load(path, weights_only=True)  # plain tensors and strings: no code runs
     assert raw["format"] == "pvae-checkpoint" and raw["version"] == 1
     loaded, loaded_history = pvae.load_checkpoint(path)
     assert loaded.config == cfg and loaded_history == history and not loaded.training
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
     x = images(cfg)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
