@@ -821,8 +821,8 @@ def autocast_dtype(device: torch.device, amp: str = "auto"):
     """The autocast dtype for ``amp`` on ``device``, or None for full float32.
 
     "auto": bfloat16 on a CUDA GPU that supports it natively, float16 (with a gradient scaler)
-    on an older one, None on the CPU (bf16 there measured 1.2x faster in one short benchmark
-    run, but not validated over a full training run; see the README's speed section);
+    on an older one, None on the CPU (bf16 trained 1.16x faster on our CPU, which has native
+    bf16; one without it emulates bf16 slowly, and results would depend on the CPU: README, "Speed");
     "bf16" / "fp16" force that dtype on any device (tests use it to exercise the GPU code path
     on the CPU); "off": None.
     """

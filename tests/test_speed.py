@@ -8,7 +8,7 @@ import pvae_utils as pvae
 
 def test_autocast_dtype_chooses_per_device_and_names_bad_values():
     cpu = torch.device("cpu")
-    assert pvae.autocast_dtype(cpu, "auto") is None            # measured slower on the CPU
+    assert pvae.autocast_dtype(cpu, "auto") is None            # float32 on every CPU (README)
     assert pvae.autocast_dtype(cpu, "off") is None
     assert pvae.autocast_dtype(cpu, "bf16") is torch.bfloat16
     assert pvae.autocast_dtype(cpu, "fp16") is torch.float16
