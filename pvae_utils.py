@@ -474,10 +474,12 @@ def network_available(host: tuple = MNIST_HOST, timeout: float = 3.0) -> bool:
 
 def _resolve(root, name: str = "root") -> Path:
     """Relative paths are taken from the repository root, whatever the working directory."""
-    if not isinstance(root, (str, os.PathLike)):
+    if not isinstance(root, (str, os.PathLike)) or str(root).strip() == "":
         raise ValueError(f"{name}: got {type(root).__name__} {root!r}; expected a folder path "
                          "(str or pathlib.Path)")
-    path = Path(root)
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {root} is a file; expected a folder path")
     return path if path.is_absolute() else REPO_ROOT / path
 
 
@@ -777,6 +779,9 @@ def _check_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: got {str(device)!r} but this machine has no usable CUDA GPU; "
                          "expected 'cpu' (or None to choose automatically)")
+    if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
+        raise ValueError(f"device: got {str(device)!r}; expected 'cpu', 'cuda' or 'cuda:N' "
+                         "(or None to choose automatically)")
     return device
 
 
@@ -836,13 +841,26 @@ def autocast_dtype(device: torch.device, amp: str = "auto"):
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
+def _check_model(where: str, model) -> None:
+    if not isinstance(model, PartitionVAE):
+        raise ValueError(f"{where}: model got {type(model).__name__}; expected a PartitionVAE")
+
+
+def _check_flag(name: str, value) -> None:
+    """ValueError unless value is True, False or None (a string such as "no" is not a switch)."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name}: got {value!r}; expected True, False or None")
+
+
 def place(model: PartitionVAE, device, channels_last: bool | None = None) -> PartitionVAE:
     """The model moved to ``device`` (in place, also returned) in the layout measured fastest
     there. ``channels_last`` None: the 4-D conv weights channels-last on the CPU, where
-    oneDNN's convolutions and max-pooling run faster in that layout (an epoch of the MNIST
-    default 1.1x, of table tennis 1.2x, evaluation 1.5x; README, "Speed"); PyTorch's default
-    layout on other devices, where it is not measured yet. Values are unchanged."""
-    device = torch.device(device)
+    oneDNN's max-pooling runs about 13x faster in that layout (evaluation 1.4-1.5x; with
+    make_optimizer's fused Adam, training 1.14-1.22x: benchmarks/bench_cpu_path.py); PyTorch's
+    default layout on other devices, where it is not measured yet. Values are unchanged."""
+    _check_model("place", model)
+    device = _check_device(device)
+    _check_flag("place: channels_last", channels_last)
     if channels_last is None:
         channels_last = device.type == "cpu"
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -852,8 +870,10 @@ def place(model: PartitionVAE, device, channels_last: bool | None = None) -> Par
 def make_optimizer(model: PartitionVAE, fused: bool | None = None) -> torch.optim.Adam:
     """Adam with the config's learning rate over every parameter. ``fused`` None: the fused
     kernel (one call for all parameters) on the CPU, where PyTorch otherwise loops over the
-    parameters in Python (an epoch of the MNIST default, batch 32: 1.3x faster); PyTorch's
-    default on other devices. Call after ``place``: the kernel runs where the weights are."""
+    parameters in Python (with place's channels-last layout, an epoch 1.14-1.22x faster:
+    benchmarks/bench_cpu_path.py); PyTorch's default on other devices. Call after ``place``: the kernel runs where the weights are."""
+    _check_model("make_optimizer", model)
+    _check_flag("make_optimizer: fused", fused)
     if fused is None:
         fused = _device_of(model).type == "cpu"
     return torch.optim.Adam(model.parameters(), lr=model.config.lr, fused=fused or None)
@@ -927,8 +947,11 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     epochs = cfg.epochs if epochs is None else epochs
     if not (_is_int(epochs) and epochs >= 0):
         raise ValueError(f"train: epochs got {epochs!r}; expected a non-negative integer")
+    _check_flag("train: resume", resume)
     if resume and checkpoint_path is None:
         raise ValueError("train: resume=True needs a checkpoint_path to resume from")
+    if checkpoint_path is not None:
+        _check_checkpoint_target(checkpoint_path, "train: checkpoint_path")
     check_images(train_data, cfg, "train_data")
     check_images(test_data, cfg, "test_data")
     device = _check_device(device)
@@ -940,7 +963,7 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     history = {k: [] for k in HISTORY_KEYS}
     if resume and Path(checkpoint_path).is_file():
-        history = _restore_training(checkpoint_path, model, opt)
+        history = _restore_training(checkpoint_path, model, opt, epochs)
         print(f"Resuming {checkpoint_path} after epoch {len(history['epoch'])} of {epochs}.")
     runner = torch.compile(model) if compile else model
     n_batches = -(-len(x_train) // cfg.batch_size)
@@ -1008,6 +1031,15 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _check_checkpoint_target(path, name: str) -> None:
+    """ValueError unless ``path`` can name a checkpoint file: a str or PathLike, not a folder."""
+    if not isinstance(path, (str, os.PathLike)) or str(path).strip() == "":
+        raise ValueError(f"{name}: got {path!r}; expected a file path (str or pathlib.Path)")
+    if Path(path).is_dir():
+        raise ValueError(f"{name}: {path} is a folder; expected a checkpoint file path in it, "
+                         "such as checkpoint_path(name, folder)")
+
+
 def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, optimizer=None) -> Path:
     """Write weights, the config as JSON, the history, the optimiser state (when given) and the
     random-number states to ``path``, atomically (a crash mid-write leaves the old file).
@@ -1017,6 +1049,8 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, opti
     working directory (the notebooks pass absolute ones from checkpoint_path). Returns the
     absolute path.
     """
+    _check_model("save_checkpoint", model)
+    _check_checkpoint_target(path, "save_checkpoint: path")
     path = Path(path).resolve()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _save_atomic({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
@@ -1029,6 +1063,9 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, opti
 
 def _read_checkpoint(path) -> dict:
     """The validated contents of a checkpoint file (on the CPU), or a clear error."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"load_checkpoint: path got {type(path).__name__} {path!r}; expected a "
+                         "checkpoint file path (str or pathlib.Path)")
     path = Path(path).resolve()
     if path.is_dir():
         raise ValueError(f"load_checkpoint: {path} is a folder; expected a checkpoint file")
@@ -1087,7 +1124,11 @@ def load_checkpoint(path, device="cpu", model: PartitionVAE | None = None) -> tu
     Loads with ``weights_only=True``. A missing file raises FileNotFoundError; a file that is not
     a PVAE checkpoint (truncated, corrupt, another format or version, a whole pickled model)
     raises ValueError saying why. The file is never modified. The model is put in eval mode.
+    Every check comes before the weights are loaded: a failed call leaves ``model`` as it was.
     """
+    device = _check_device(device)
+    if model is not None:
+        _check_model("load_checkpoint", model)
     blob = _read_checkpoint(path)
     try:
         config = PVAEConfig.from_dict(json.loads(blob["config_json"]))
@@ -1106,14 +1147,19 @@ def load_checkpoint(path, device="cpu", model: PartitionVAE | None = None) -> tu
     return place(model, device).eval(), history
 
 
-def _restore_training(path, model: PartitionVAE, opt) -> dict:
+def _restore_training(path, model: PartitionVAE, opt, epochs: int) -> dict:
     """Load weights, optimiser state and random-number states from ``path`` into a training
-    run; returns the history so far."""
+    run that is to reach ``epochs``; returns the history so far. Checks come first: a file that
+    cannot be resumed leaves the model as it was."""
     blob = _read_checkpoint(path)
-    _, history = load_checkpoint(path, device=next(model.parameters()).device, model=model)
     if blob["optimizer"] is None:
         raise ValueError(f"train: {path} holds no optimiser state (saved outside train); "
                          "resume needs a checkpoint written by train")
+    done = len(json.loads(blob["history_json"]).get("epoch", []))
+    if done > epochs:
+        raise ValueError(f"train: epochs got {epochs}, but {path} already holds {done} epochs; "
+                         f"expected at least {done} to resume (the file is left as it is)")
+    _, history = load_checkpoint(path, device=next(model.parameters()).device, model=model)
     opt.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
     return history
@@ -1224,18 +1270,23 @@ def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> f
     x_train (N, ...), x_test (M, ...) with the same trailing shape; 1 <= n_components <= min(N, D).
     """
     for name, x in (("x_train", x_train), ("x_test", x_test)):
-        if not isinstance(x, torch.Tensor) or x.ndim < 2 or len(x) == 0:
-            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"pca_mse: {name} got {got}; expected a non-empty tensor (N, ...)")
+        if not isinstance(x, torch.Tensor) or x.ndim < 2 or len(x) == 0 or not x.is_floating_point():
+            got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"pca_mse: {name} got {got}; expected a non-empty float tensor (N, ...) "
+                             "(uint8 images: divide by 255)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"pca_mse: {name} holds non-finite values (NaN or inf)")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"pca_mse: x_test has items of shape {tuple(x_test.shape[1:])}; expected "
                          f"those of x_train, {tuple(x_train.shape[1:])}")
     limit = min(len(x_train), x_train[0].numel())
+    if len(x_train) < 2:
+        raise ValueError(f"pca_mse: x_train got {len(x_train)} image; expected at least 2")
     if not (_is_int(n_components) and 1 <= n_components <= limit):
         raise ValueError(f"pca_mse: n_components got {n_components!r}; expected an integer from 1 "
                          f"to {limit} (the smaller of the training images and the pixels)")
     from sklearn.decomposition import PCA
-    a, b = x_train.flatten(1).numpy(), x_test.flatten(1).numpy()
+    a, b = (x.detach().cpu().flatten(1).float().numpy() for x in (x_train, x_test))
     pca = PCA(n_components=n_components, random_state=0).fit(a)
     return float(((pca.inverse_transform(pca.transform(b)) - b) ** 2).mean())
 
@@ -1983,6 +2034,7 @@ def checkpoint_dir(drive: bool = False) -> Path:
     """The folder for checkpoints: data/checkpoints/ in the repository, or with ``drive=True``
     (Colab only) DRIVE_CHECKPOINTS in the user's Google Drive, which survives a disconnect.
     Mounts the Drive when it is not mounted yet (Colab asks for access once)."""
+    _check_flag("checkpoint_dir: drive", drive)
     if not drive:
         return REPO_ROOT / "data" / "checkpoints"
     if "google.colab" not in sys.modules:
@@ -1997,6 +2049,10 @@ def checkpoint_dir(drive: bool = False) -> Path:
 def checkpoint_path(name: str, root=None) -> Path:
     """root/name.pt, or name-fast.pt in FAST mode (so a smoke run keeps the real ones). ``root``
     defaults to data/checkpoints/ in the repository (see checkpoint_dir for Google Drive)."""
+    if not (isinstance(name, str) and name.strip() and Path(name).name == name
+            and not name.startswith(".") and not name.endswith(".pt")):
+        raise ValueError(f"checkpoint_path: name got {name!r}; expected a plain file name without "
+                         "folders or '.pt', such as 'mnist'")
     root = checkpoint_dir() if root is None else _resolve(root, "checkpoint_path: root")
     return root / f"{name}{'-fast' if fast_mode() else ''}.pt"
 

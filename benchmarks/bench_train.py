@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -268,6 +269,17 @@ def plot_variants(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return pvae.platform.processor() or "cpu"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -284,8 +296,12 @@ def main(argv=None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this machine has no usable CUDA GPU")
     report = {"device": args.device, "torch": torch.__version__, "budget_s": args.budget,
-              "machine": torch.cuda.get_device_name() if args.device == "cuda" else pvae.platform.processor() or "cpu",
+              "machine": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
+              "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
               "groups": {}}
+    if args.device == "cpu" and os.getloadavg()[0] > 0.5:
+        print(f"note: load average {os.getloadavg()[0]:.1f} at start: other work shares the CPU, "
+              "and the speeds will show it")
     for group, runs in specs(args).items():
         if group not in args.groups or not runs:
             continue
@@ -300,7 +316,7 @@ def main(argv=None) -> dict:
         print(f"\nour data path / conventional pipeline: {report['pipeline_speedup']:.2f}x images "
               f"per second in training; the data alone (no model) "
               f"{tensor['data_only_images_per_s']:.0f} / {loader['data_only_images_per_s']:.0f} = "
-              f"{report['pipeline_data_only_speedup']:.0f}x")
+              f"{report['pipeline_data_only_speedup']:.2f}x")
     trade = report["groups"].get("tradeoff", {})
     for preset in ("mnist", "pong"):
         for mode in ("nearest-exact", "bilinear"):
@@ -313,11 +329,17 @@ def main(argv=None) -> dict:
     out = args.out / f"bench_train_{args.device}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     suffix = "" if args.device == "cpu" else f"_{args.device}"
+    written = [out]
     if trade:
-        plot_tradeoff(trade, ROOT / "figures" / f"subresolution_tradeoff{suffix}.png")
+        written.append(ROOT / "figures" / f"subresolution_tradeoff{suffix}.png")
+        plot_tradeoff(trade, written[-1])
     if report["groups"].get("variants"):
-        plot_variants(report["groups"]["variants"], ROOT / "figures" / f"report_variants_loss{suffix}.png")
-    print(f"wrote {out} and the figures in figures/")
+        written.append(ROOT / "figures" / f"report_variants_loss{suffix}.png")
+        plot_variants(report["groups"]["variants"], written[-1])
+    print("wrote " + ", ".join(str(p) for p in written))
+    if args.budget < 5:
+        print(f"note: --budget {args.budget:g} s times only a few steps per run; the speeds above "
+              "are smoke-test numbers, not measurements")
     return report
 
 

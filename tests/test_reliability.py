@@ -296,3 +296,65 @@ def test_pca_paths_and_drive_name_bad_input(images, tiny_config):
     with pytest.raises(ValueError, match=r"checkpoint_dir: drive=True \(SAVE_TO_DRIVE\) needs Google Colab"):
         pvae.checkpoint_dir(drive=True)
     assert pvae.checkpoint_dir() == pvae.REPO_ROOT / "data" / "checkpoints"
+
+
+def test_speed_helpers_and_checkpoint_calls_name_bad_input_before_any_change(tiny_config, images, tmp_path):
+    """Found by a clean-clone trial of the CPU fast path: raw torch errors, truthy strings taken
+    as switches, and a load with a bad device that changed the model before failing."""
+    import hashlib
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    model = pvae.PartitionVAE(tiny_config)
+    for device in ("gpu", "meta", 3):
+        with pytest.raises(ValueError, match=r"device: got"):
+            pvae.place(model, device)
+    with pytest.raises(ValueError, match=r"place: model got str; expected a PartitionVAE"):
+        pvae.place("not a model", "cpu")
+    with pytest.raises(ValueError, match=r"place: channels_last: got 'no'; expected True, False or None"):
+        pvae.place(model, "cpu", channels_last="no")
+    with pytest.raises(ValueError, match=r"make_optimizer: fused: got 'no'"):
+        pvae.make_optimizer(model, fused="no")
+    with pytest.raises(ValueError, match=r"make_optimizer: model got Linear"):
+        pvae.make_optimizer(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"checkpoint_dir: drive: got 'no'"):
+        pvae.checkpoint_dir(drive="no")
+    for name in (123, "", "a.pt", "../x", ".hidden"):
+        with pytest.raises(ValueError, match=r"checkpoint_path: name got"):
+            pvae.checkpoint_path(name)
+
+    x = images(tiny_config, n=16)
+    path = tmp_path / "run.pt"
+    pvae.train(pvae.PartitionVAE(tiny_config.replace(epochs=2)), x, x[:8], progress=False, checkpoint_path=path)
+    before = digest(path)
+    other = pvae.PartitionVAE(tiny_config)
+    weights = [p.detach().clone() for p in other.parameters()]
+    for device in ("gpu", "meta"):
+        with pytest.raises(ValueError, match=r"device: got"):
+            pvae.load_checkpoint(path, device=device, model=other)
+    assert all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))   # untouched
+    with pytest.raises(ValueError, match=r"load_checkpoint: path got int 123"):
+        pvae.load_checkpoint(123)
+    resumed = pvae.PartitionVAE(tiny_config.replace(epochs=1))
+    with pytest.raises(ValueError, match=r"train: epochs got 1, but .* already holds 2 epochs"):
+        pvae.train(resumed, x, x[:8], progress=False, checkpoint_path=path, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))
+    with pytest.raises(ValueError, match=r"train: resume: got 'yes'"):
+        pvae.train(resumed, x, x[:8], progress=False, checkpoint_path=path, resume="yes")
+    for bad in (123, tmp_path):
+        with pytest.raises(ValueError, match=r"train: checkpoint_path"):
+            pvae.train(resumed, x, x[:8], progress=False, checkpoint_path=bad)
+    assert digest(path) == before
+
+    with pytest.raises(ValueError, match=r"pca_mse: x_train got shape \(16, 1, 16, 16\), dtype torch.uint8"):
+        pvae.pca_mse((x * 255).to(torch.uint8), x, 2)
+    with pytest.raises(ValueError, match=r"pca_mse: x_test holds non-finite values"):
+        pvae.pca_mse(x, torch.full_like(x[:2], float("nan")), 2)
+    with pytest.raises(ValueError, match=r"pca_mse: x_train got 1 image; expected at least 2"):
+        pvae.pca_mse(x[:1], x, 1)
+    assert pvae.pca_mse(x.requires_grad_(), x.bfloat16(), 3) > 0          # grad and bf16 are fine
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for root in (afile, ""):
+        with pytest.raises(ValueError, match=r"load_mnist: root: "):
+            pvae.load_mnist(root=root)
