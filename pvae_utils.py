@@ -930,7 +930,9 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     ``checkpoint_path`` is given, a checkpoint is written atomically: weights, optimiser state,
     history and random-number states.
 
-    ``epochs`` is the total to reach (default config.epochs). With ``resume=True`` training
+    ``epochs`` is the total to reach (default config.epochs). Without ``resume`` an existing
+    checkpoint at ``checkpoint_path`` is replaced after the first epoch (train says so first).
+    With ``resume=True`` training
     continues from the checkpoint at ``checkpoint_path`` when there is one (same config
     required), so an interrupted run ends exactly as an uninterrupted one would on the CPU.
     A non-finite loss stops at once with FloatingPointError, before the update and before any
@@ -965,6 +967,9 @@ def train(model: PartitionVAE, train_data: torch.Tensor, test_data: torch.Tensor
     if resume and Path(checkpoint_path).is_file():
         history = _restore_training(checkpoint_path, model, opt, epochs)
         print(f"Resuming {checkpoint_path} after epoch {len(history['epoch'])} of {epochs}.")
+    elif checkpoint_path is not None and Path(checkpoint_path).is_file() and epochs > 0:
+        print(f"Training from the start: the checkpoint at {checkpoint_path} will be replaced when "
+              "epoch 1 ends (resume=True continues it instead).")
     runner = torch.compile(model) if compile else model
     n_batches = -(-len(x_train) // cfg.batch_size)
     first = len(history["epoch"]) + 1

@@ -358,3 +358,12 @@ def test_speed_helpers_and_checkpoint_calls_name_bad_input_before_any_change(tin
     for root in (afile, ""):
         with pytest.raises(ValueError, match=r"load_mnist: root: "):
             pvae.load_mnist(root=root)
+
+
+def test_training_over_an_existing_checkpoint_says_it_will_replace_it(tiny_config, images, tmp_path, capsys):
+    x = images(tiny_config, n=16)
+    path = tmp_path / "run.pt"
+    pvae.train(pvae.PartitionVAE(tiny_config.replace(epochs=1)), x, x[:8], progress=False, checkpoint_path=path)
+    assert "will be replaced" not in capsys.readouterr().out
+    pvae.train(pvae.PartitionVAE(tiny_config.replace(epochs=1)), x, x[:8], progress=False, checkpoint_path=path)
+    assert f"the checkpoint at {path} will be replaced when epoch 1 ends" in capsys.readouterr().out
