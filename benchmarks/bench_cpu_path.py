@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pvae_utils as pvae  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 COMBOS = {"PyTorch's defaults": (False, False), "channels-last only": (True, False),
           "fused Adam only": (False, True), "both (train's default)": (True, True)}
@@ -101,10 +102,7 @@ def main() -> None:
     mp = report["max_pool_ms"]
     print(f"2x2 max-pool of (64, 32, 28, 28): contiguous {mp['contiguous']:.2f} ms, "
           f"channels-last {mp['channels-last']:.2f} ms")
-    out = ROOT / "benchmarks" / "results" / "bench_cpu_path.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results(report, "bench_cpu_path")
 
 
 if __name__ == "__main__":

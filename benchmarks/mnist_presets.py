@@ -12,7 +12,6 @@ About 2.5 minutes per run on a 2-core CPU with the offline digits.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pvae_utils as pvae  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 VARIANTS = {
     "report": {},
@@ -59,10 +59,7 @@ def main() -> None:
         print(f"{name:22s} {mse.mean():>11.4f} ± {results['runs'][name]['test_mse_sd']:.4f} "
               f"{np.mean([r['test_kl'] for r in runs]):>9.2f} {np.mean([r['seconds'] for r in runs]):>6.0f}  "
               + " ".join(f"{m:.4f}" for m in mse), flush=True)
-    out = ROOT / "benchmarks" / "results" / "mnist_presets.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results(results, "mnist_presets")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ latent. Prints a table and writes benchmarks/results/pong_seeds.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import pvae_utils as pvae  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 POSITIONS = ("ball_x", "ball_y", "player_y", "opponent_y")
 
@@ -72,10 +72,7 @@ def main() -> None:
     results["mean_sd"] = {k: [float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0]
                           for k, v in summary.items()}
     print("mean ± sd: " + ", ".join(f"{k} {m:.4g} ± {s:.2g}" for k, (m, s) in results["mean_sd"].items()))
-    out = ROOT / "benchmarks" / "results" / "pong_seeds.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results(results, "pong_seeds")
 
 
 if __name__ == "__main__":
