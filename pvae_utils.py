@@ -474,9 +474,11 @@ def network_available(host: tuple = MNIST_HOST, timeout: float = 3.0) -> bool:
 
 def _resolve(root, name: str = "root") -> Path:
     """Relative paths are taken from the repository root, whatever the working directory."""
-    if not isinstance(root, (str, os.PathLike)) or str(root).strip() == "":
+    if not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"{name}: got {type(root).__name__} {root!r}; expected a folder path "
                          "(str or pathlib.Path)")
+    if str(root).strip() == "":
+        raise ValueError(f"{name}: got an empty path {root!r}; expected a folder path such as 'data'")
     path = Path(root).expanduser()
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name}: {root} is a file; expected a folder path")
@@ -768,20 +770,21 @@ def get_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_device(device) -> torch.device:
-    """torch.device from a name or device (None: get_device()), or ValueError if unusable here."""
+def _check_device(device, name: str = "device") -> torch.device:
+    """torch.device from a name or device (None: get_device()), or ValueError naming ``name``
+    if it is not one or is unusable here."""
     if device is None:
         return get_device()
+    expected = "expected 'cpu', 'cuda' or 'cuda:N' (or None to choose automatically)"
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: got {device!r}; expected 'cpu', 'cuda' or 'cuda:N' ({err})") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: got {device!r}; {expected}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: got {str(device)!r} but this machine has no usable CUDA GPU; "
+        raise ValueError(f"{name}: got {str(device)!r} but this machine has no usable CUDA GPU; "
                          "expected 'cpu' (or None to choose automatically)")
     if device.type not in ("cpu", "cuda") and not (device.type == "mps" and torch.backends.mps.is_available()):
-        raise ValueError(f"device: got {str(device)!r}; expected 'cpu', 'cuda' or 'cuda:N' "
-                         "(or None to choose automatically)")
+        raise ValueError(f"{name}: got {str(device)!r}; {expected}")
     return device
 
 
@@ -843,7 +846,7 @@ def autocast_dtype(device: torch.device, amp: str = "auto"):
 
 def _check_model(where: str, model) -> None:
     if not isinstance(model, PartitionVAE):
-        raise ValueError(f"{where}: model got {type(model).__name__}; expected a PartitionVAE")
+        raise ValueError(f"{where}: model: got {type(model).__name__}; expected a PartitionVAE")
 
 
 def _check_flag(name: str, value) -> None:
@@ -859,7 +862,7 @@ def place(model: PartitionVAE, device, channels_last: bool | None = None) -> Par
     make_optimizer's fused Adam, training 1.14-1.22x: benchmarks/bench_cpu_path.py); PyTorch's
     default layout on other devices, where it is not measured yet. Values are unchanged."""
     _check_model("place", model)
-    device = _check_device(device)
+    device = _check_device(device, "place: device")
     _check_flag("place: channels_last", channels_last)
     if channels_last is None:
         channels_last = device.type == "cpu"
@@ -1131,7 +1134,7 @@ def load_checkpoint(path, device="cpu", model: PartitionVAE | None = None) -> tu
     raises ValueError saying why. The file is never modified. The model is put in eval mode.
     Every check comes before the weights are loaded: a failed call leaves ``model`` as it was.
     """
-    device = _check_device(device)
+    device = _check_device(device, "load_checkpoint: device")
     if model is not None:
         _check_model("load_checkpoint", model)
     blob = _read_checkpoint(path)
@@ -1277,7 +1280,7 @@ def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> f
     for name, x in (("x_train", x_train), ("x_test", x_test)):
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or len(x) == 0 or not x.is_floating_point():
             got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"pca_mse: {name} got {got}; expected a non-empty float tensor (N, ...) "
+            raise ValueError(f"pca_mse: {name}: got {got}; expected a non-empty float tensor (N, ...) "
                              "(uint8 images: divide by 255)")
         if not torch.isfinite(x).all():
             raise ValueError(f"pca_mse: {name} holds non-finite values (NaN or inf)")
@@ -1286,9 +1289,9 @@ def pca_mse(x_train: torch.Tensor, x_test: torch.Tensor, n_components: int) -> f
                          f"those of x_train, {tuple(x_train.shape[1:])}")
     limit = min(len(x_train), x_train[0].numel())
     if len(x_train) < 2:
-        raise ValueError(f"pca_mse: x_train got {len(x_train)} image; expected at least 2")
+        raise ValueError(f"pca_mse: x_train: got {len(x_train)} image; expected at least 2")
     if not (_is_int(n_components) and 1 <= n_components <= limit):
-        raise ValueError(f"pca_mse: n_components got {n_components!r}; expected an integer from 1 "
+        raise ValueError(f"pca_mse: n_components: got {n_components!r}; expected an integer from 1 "
                          f"to {limit} (the smaller of the training images and the pixels)")
     from sklearn.decomposition import PCA
     a, b = (x.detach().cpu().flatten(1).float().numpy() for x in (x_train, x_test))
@@ -2056,7 +2059,7 @@ def checkpoint_path(name: str, root=None) -> Path:
     defaults to data/checkpoints/ in the repository (see checkpoint_dir for Google Drive)."""
     if not (isinstance(name, str) and name.strip() and Path(name).name == name
             and not name.startswith(".") and not name.endswith(".pt")):
-        raise ValueError(f"checkpoint_path: name got {name!r}; expected a plain file name without "
+        raise ValueError(f"checkpoint_path: name: got {name!r}; expected a plain file name without "
                          "folders or '.pt', such as 'mnist'")
     root = checkpoint_dir() if root is None else _resolve(root, "checkpoint_path: root")
     return root / f"{name}{'-fast' if fast_mode() else ''}.pt"
