@@ -1071,12 +1071,8 @@ def save_checkpoint(path, model: PartitionVAE, history: dict | None = None, opti
 
 def _read_checkpoint(path) -> dict:
     """The validated contents of a checkpoint file (on the CPU), or a clear error."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"load_checkpoint: path got {type(path).__name__} {path!r}; expected a "
-                         "checkpoint file path (str or pathlib.Path)")
+    _check_checkpoint_target(path, "load_checkpoint: path")
     path = Path(path).resolve()
-    if path.is_dir():
-        raise ValueError(f"load_checkpoint: {path} is a folder; expected a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint file at {path}")
     if path.stat().st_size == 0:
@@ -1137,12 +1133,20 @@ def load_checkpoint(path, device="cpu", model: PartitionVAE | None = None) -> tu
     device = _check_device(device, "load_checkpoint: device")
     if model is not None:
         _check_model("load_checkpoint", model)
-    blob = _read_checkpoint(path)
+    return _load_blob(_read_checkpoint(path), path, device, model)
+
+
+def _blob_contents(blob: dict, path) -> tuple:
+    """(config, history) of a checkpoint read by _read_checkpoint."""
     try:
-        config = PVAEConfig.from_dict(json.loads(blob["config_json"]))
-        history = json.loads(blob["history_json"])
+        return PVAEConfig.from_dict(json.loads(blob["config_json"])), json.loads(blob["history_json"])
     except json.JSONDecodeError as err:
         raise ValueError(f"load_checkpoint: {path} is damaged: {err}") from None
+
+
+def _load_blob(blob: dict, path, device: torch.device, model: PartitionVAE | None) -> tuple:
+    """load_checkpoint's work on the file's contents: (model, history)."""
+    config, history = _blob_contents(blob, path)
     if model is None:
         model = PartitionVAE(config)
     elif model.config != config:
@@ -1163,11 +1167,11 @@ def _restore_training(path, model: PartitionVAE, opt, epochs: int) -> dict:
     if blob["optimizer"] is None:
         raise ValueError(f"train: {path} holds no optimiser state (saved outside train); "
                          "resume needs a checkpoint written by train")
-    done = len(json.loads(blob["history_json"]).get("epoch", []))
+    done = len(_blob_contents(blob, path)[1].get("epoch", []))
     if done > epochs:
         raise ValueError(f"train: epochs got {epochs}, but {path} already holds {done} epochs; "
                          f"expected at least {done} to resume (the file is left as it is)")
-    _, history = load_checkpoint(path, device=next(model.parameters()).device, model=model)
+    _, history = _load_blob(blob, path, _device_of(model), model)   # the file is read once
     opt.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
     return history

@@ -333,7 +333,7 @@ def test_speed_helpers_and_checkpoint_calls_name_bad_input_before_any_change(tin
         with pytest.raises(ValueError, match=r"load_checkpoint: device: got"):
             pvae.load_checkpoint(path, device=device, model=other)
     assert all(torch.equal(a, b) for a, b in zip(weights, other.parameters()))   # untouched
-    with pytest.raises(ValueError, match=r"load_checkpoint: path got int 123"):
+    with pytest.raises(ValueError, match=r"load_checkpoint: path: got 123; expected a file path"):
         pvae.load_checkpoint(123)
     resumed = pvae.PartitionVAE(tiny_config.replace(epochs=1))
     with pytest.raises(ValueError, match=r"train: epochs got 1, but .* already holds 2 epochs"):
